@@ -1,0 +1,30 @@
+// Every liftplace op schema, in one place. Kernels register per device in csrc/cpu and
+// csrc/cuda; autograd and fake (meta) kernels are attached in liftplace/_ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import liftplace._C` only has to load this library so the registrations run.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(liftplace, m) {
+  // x, y: [R, N] contiguous, same dtype. Returns
+  //   slope, intercept [R, G]; rows [R, 7] (see RowStat); aux [R, G, 3] (see AuxStat);
+  //   group_id [R, N] int32 for grouping="error", else an empty int32 tensor.
+  // Floating outputs are float32, or float64 for float64 inputs.
+  m.def(
+      "lift_place_fwd(Tensor x, Tensor y, int group_size, str grouping, str norm, float eps, int width)"
+      " -> (Tensor slope, Tensor intercept, Tensor rows, Tensor aux, Tensor group_id)",
+      {at::Tag::pt2_compliant_tag});
+  // Gradients of (slope, intercept, rows) pulled back to x and y through the saved grouping.
+  // grad_y is empty unless need_grad_y.
+  m.def(
+      "lift_place_bwd(Tensor grad_rows, Tensor? grad_slope, Tensor? grad_intercept, Tensor x, Tensor y,"
+      " Tensor slope, Tensor intercept, Tensor aux, Tensor group_id, int group_size, str grouping,"
+      " str norm, int width, bool need_grad_y) -> (Tensor grad_x, Tensor grad_y)",
+      {at::Tag::pt2_compliant_tag});
+}

@@ -1,0 +1,17 @@
+"""liftplace: LIFT and PLACE knowledge distillation for diffusion models.
+
+>>> loss = liftplace.lift_place_loss(student_out, teacher_out.detach())
+"""
+
+from ._ops import backend_info, get_backend, set_backend
+from .loss import LiftPlaceLoss, fit_groups, lift_place_loss
+
+__all__ = [
+    "LiftPlaceLoss",
+    "backend_info",
+    "fit_groups",
+    "get_backend",
+    "lift_place_loss",
+    "set_backend",
+]
+__version__ = "0.1.0"

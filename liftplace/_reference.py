@@ -1,0 +1,173 @@
+"""Pure-torch twins of the liftplace kernels: the fallback path and the test oracle.
+
+Everything here follows ``METHOD.md`` line by line and favours clarity over speed.
+Rows are ``[R, N]`` views of ``[B, C, *S]`` inputs (``R = B*C``, ``N = prod(S)``).
+The functions mirror the C++ ops ``liftplace::lift_place_fwd`` / ``lift_place_bwd``
+(same arguments, same outputs), so the kernels can be checked output by output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+# Columns of the per-row statistics tensor ``rows`` [R, ROW_STATS] (csrc/liftplace.h: RowStat).
+COARSE, FINE, SQERR, ABS_SLOPE_DEV, ABS_INTERCEPT, SUM_SLOPE, SUM_INTERCEPT = range(7)
+ROW_STATS = 7
+# Columns of ``aux`` [R, G, AUX] (csrc/liftplace.h: AuxStat).
+MEAN_X, MEAN_Y, DENOM = range(3)
+AUX = 3
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_groups(n: int, group_size: int, grouping: str) -> int:
+    return 1 if grouping == "global" else n // group_size
+
+
+def group_ids(x: Tensor, y: Tensor, group_size: int, grouping: str, width: int = 0) -> Tensor:
+    """Group of every element, ``[R, N]`` int64 (METHOD.md §3)."""
+    R, N = x.shape
+    if grouping == "global":
+        return torch.zeros(R, N, dtype=torch.long, device=x.device)
+    if grouping == "patch":
+        p = math.isqrt(group_size)
+        idx = torch.arange(N, device=x.device)
+        row, col = idx // width, idx % width
+        gid = (row // p) * (width // p) + col // p
+        return gid.expand(R, N).contiguous()
+    # "error": rank by e = (y - x)^2 ascending, ties by lower index (a stable sort);
+    # rank k goes to group k // P, and the N % P highest ranks join the last group.
+    acc = acc_dtype(x.dtype)
+    e = (y.to(acc) - x.to(acc)).square()
+    order = torch.sort(e, dim=1, stable=True).indices
+    G = N // group_size
+    group_of_rank = (torch.arange(N, device=x.device) // group_size).clamp_max(G - 1)
+    return torch.empty_like(order).scatter_(1, order, group_of_rank.expand(R, N))
+
+
+def _segment_sum(v: Tensor, gid: Tensor, G: int) -> Tensor:
+    return torch.zeros(v.shape[0], G, dtype=v.dtype, device=v.device).scatter_add(1, gid, v)
+
+
+def fit(x: Tensor, y: Tensor, gid: Tensor, G: int, eps: float):
+    """Per-group least squares ``y ≈ a·x + b`` with a two-pass (centred) variance (§4).
+
+    Returns ``a, b, mx, my, d, n``, each ``[R, G]``, with ``d = vx + eps``.
+    Differentiable in ``x`` and ``y``; ``gid`` is a constant.
+    """
+    n = _segment_sum(torch.ones_like(x), gid, G)
+    mx = _segment_sum(x, gid, G) / n
+    my = _segment_sum(y, gid, G) / n
+    dx = x - mx.gather(1, gid)
+    dy = y - my.gather(1, gid)
+    d = _segment_sum(dx * dx, gid, G) / n + eps
+    a = _segment_sum(dx * dy, gid, G) / n / d
+    b = my - a * mx
+    return a, b, mx, my, d, n
+
+
+def lift_place_rows(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
+                    width: int = 0, gid: Tensor | None = None):
+    """The readable forward: ``(slope, intercept, rows)``, differentiable through autograd.
+
+    ``x, y``: ``[R, N]``. Computes in ``acc_dtype`` (float64 stays float64). ``gid`` may
+    be passed to evaluate a fixed grouping in higher precision (the float64 oracle).
+    """
+    acc = acc_dtype(x.dtype)
+    N = x.shape[1]
+    G = num_groups(N, group_size, grouping)
+    if gid is None:
+        gid = group_ids(x, y, group_size, grouping, width)
+    x, y = x.to(acc), y.to(acc)
+    a, b, _, _, _, n = fit(x, y, gid, G, eps)
+    if norm == "l1":
+        coarse_g = (a - 1).abs() + b.abs()
+    else:
+        coarse_g = (a - 1).square() + b.square()
+    # The fine term uses the fitted line with gradients stopped (â, b̂ in §5).
+    residual = a.detach().gather(1, gid) * x + b.detach().gather(1, gid) - y
+    rows = torch.stack([
+        (n * coarse_g).sum(1),
+        residual.square().sum(1),
+        (x - y).square().sum(1),
+        (a - 1).abs().sum(1),
+        b.abs().sum(1),
+        a.sum(1),
+        b.sum(1),
+    ], dim=1)
+    return a, b, rows
+
+
+def lift_place_fwd(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
+                   width: int = 0):
+    """Twin of ``liftplace::lift_place_fwd``: ``(slope, intercept, rows, aux, group_id)``."""
+    acc = acc_dtype(x.dtype)
+    N = x.shape[1]
+    G = num_groups(N, group_size, grouping)
+    gid = group_ids(x, y, group_size, grouping, width)
+    with torch.no_grad():
+        a, b, rows = lift_place_rows(x, y, group_size, grouping, norm, eps, width, gid)
+        _, _, mx, my, d, _ = fit(x.to(acc), y.to(acc), gid, G, eps)
+    aux = torch.stack([mx, my, d], dim=2)
+    saved_gid = gid.to(torch.int32) if grouping == "error" else gid.new_empty(0, dtype=torch.int32)
+    return a, b, rows, aux, saved_gid
+
+
+def lift_place_bwd(grad_rows: Tensor, grad_slope: Tensor | None, grad_intercept: Tensor | None,
+                   x: Tensor, y: Tensor, slope: Tensor, intercept: Tensor, aux: Tensor,
+                   group_id: Tensor, group_size: int, grouping: str, norm: str, width: int,
+                   need_grad_y: bool):
+    """Twin of ``liftplace::lift_place_bwd``: the closed-form gradients of METHOD.md §6.
+
+    With the grouping fixed every term is affine in ``x_i`` and ``y_i`` per group; with
+    ``dx = x - mx``, ``dy = y - my`` and the fit residual ``r = a·dx - dy``:
+
+        GA = dL/da (direct + through coarse and the |a-1|, a sums)     GB likewise for b
+        K  = (GA - GB·mx) / (n·d)
+        grad_x = K·(dy - 2a·dx) - GB·a/n + 2a·g_fine·r + 2·g_sqerr·(x - y)
+        grad_y = K·dx + GB/n - 2·g_fine·r - 2·g_sqerr·(x - y)
+    """
+    acc = acc_dtype(x.dtype)
+    R, N = x.shape
+    G = slope.shape[1]
+    if grouping == "error":
+        gid = group_id.long()
+    else:
+        gid = group_ids(x, y, group_size, grouping, width)
+    n = _segment_sum(torch.ones(R, N, dtype=acc, device=x.device), gid, G)
+    a, b = slope, intercept
+    mx, my, d = aux.unbind(2)
+    g = grad_rows.to(acc)
+    g_coarse, g_fine, g_sqerr = g[:, COARSE, None], g[:, FINE, None], g[:, SQERR, None]
+    if norm == "l1":
+        da, db = torch.sign(a - 1), torch.sign(b)
+    else:
+        da, db = 2 * (a - 1), 2 * b
+    GA = g_coarse * n * da + g[:, ABS_SLOPE_DEV, None] * torch.sign(a - 1) + g[:, SUM_SLOPE, None]
+    GB = g_coarse * n * db + g[:, ABS_INTERCEPT, None] * torch.sign(b) + g[:, SUM_INTERCEPT, None]
+    if grad_slope is not None:
+        GA = GA + grad_slope
+    if grad_intercept is not None:
+        GB = GB + grad_intercept
+    K = (GA - GB * mx) / (n * d)
+
+    def per_elem(t: Tensor) -> Tensor:
+        return t.gather(1, gid)
+
+    xa, ya = x.to(acc), y.to(acc)
+    dx, dy = xa - per_elem(mx), ya - per_elem(my)
+    ae, Ke, GBe, ne = per_elem(a), per_elem(K), per_elem(GB), per_elem(n)
+    r = ae * dx - dy
+    diff = xa - ya
+    grad_x = Ke * (dy - 2 * ae * dx) - GBe * ae / ne + 2 * ae * g_fine * r + 2 * g_sqerr * diff
+    if need_grad_y:
+        grad_y = (Ke * dx + GBe / ne - 2 * g_fine * r - 2 * g_sqerr * diff).to(y.dtype)
+    else:
+        grad_y = y.new_empty(0)
+    return grad_x.to(x.dtype), grad_y
