@@ -74,4 +74,14 @@ inline void check_fwd_inputs(const at::Tensor& x, const at::Tensor& y, Grouping 
   }
 }
 
+inline void check_bucket_inputs(const at::Tensor& values, const at::Tensor& timesteps, int64_t num_buckets,
+                                double t_max) {
+  TORCH_CHECK(values.dim() == 2, "liftplace: bucket_stats values must be [B, S], got ", values.sizes());
+  TORCH_CHECK(timesteps.dim() == 1 && timesteps.size(0) == values.size(0),
+              "liftplace: bucket_stats timesteps must be [B] with B=", values.size(0), ", got ", timesteps.sizes());
+  TORCH_CHECK(values.device() == timesteps.device(), "liftplace: values and timesteps are on different devices");
+  TORCH_CHECK(num_buckets >= 1, "liftplace: num_buckets must be >= 1, got ", num_buckets);
+  TORCH_CHECK(t_max > 0, "liftplace: t_max must be > 0, got ", t_max);
+}
+
 }  // namespace liftplace

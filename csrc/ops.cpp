@@ -27,4 +27,13 @@ TORCH_LIBRARY(liftplace, m) {
       " Tensor slope, Tensor intercept, Tensor aux, Tensor group_id, int group_size, str grouping,"
       " str norm, int width, bool need_grad_y) -> (Tensor grad_x, Tensor grad_y)",
       {at::Tag::pt2_compliant_tag});
+  // Per-timestep-bucket sums of per-sample statistics (METHOD.md §8), in sample order.
+  // values [B, S] float; timesteps [B] (integer or floating); bucket k = floor(t * K / t_max)
+  // clamped to [0, K). Returns sums [K, S] (float32, or float64 for float64 values) and
+  // counts [K] int64, and each sample's bucket [B] int64. Not differentiable: it feeds
+  // detached weights and logs.
+  m.def(
+      "bucket_stats(Tensor values, Tensor timesteps, int num_buckets, float t_max)"
+      " -> (Tensor sums, Tensor counts, Tensor bucket)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -5,10 +5,12 @@
 
 from ._ops import backend_info, get_backend, set_backend
 from .loss import LiftPlaceLoss, fit_groups, lift_place_loss
+from .timesteps import bucket_stats
 
 __all__ = [
     "LiftPlaceLoss",
     "backend_info",
+    "bucket_stats",
     "fit_groups",
     "get_backend",
     "lift_place_loss",

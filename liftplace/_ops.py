@@ -30,20 +30,18 @@ except ImportError:
     _build_info = None
 
 HAS_EXT = _C is not None
-OPS = ("lift_place_fwd", "lift_place_bwd")
+OPS = ("lift_place_fwd", "lift_place_bwd", "bucket_stats")
 
 
-def _has_kernel(device_type: str) -> bool:
-    if not HAS_EXT:
-        return False
+def _has_kernel(op: str, device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"liftplace::{op}", key) for op in OPS
-    )
+    return HAS_EXT and key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"liftplace::{op}", key)
 
 
-# Which device types have compiled kernels; fixed once the library is loaded.
-EXT_DEVICES = frozenset(d for d in ("cpu", "cuda") if _has_kernel(d))
+# (op, device type) pairs with a compiled kernel; fixed once the library is loaded.
+EXT_KERNELS = frozenset((op, d) for op in OPS for d in ("cpu", "cuda") if _has_kernel(op, d))
+# Devices where every op has a kernel.
+EXT_DEVICES = frozenset(d for d in ("cpu", "cuda") if all((op, d) in EXT_KERNELS for op in OPS))
 
 
 def _backend_from_env() -> str:
@@ -80,15 +78,16 @@ def set_backend(name: str) -> None:
     _state["backend"] = name
 
 
-def use_ext(device: torch.device) -> bool:
+def use_ext(device: torch.device, op: str = "lift_place_fwd") -> bool:
+    """Whether ``op`` runs on the extension for tensors on ``device`` (else the twin)."""
     backend = _state["backend"]
     if backend == "torch":
         return False
-    if device.type in EXT_DEVICES:
+    if (op, device.type) in EXT_KERNELS:
         return True
     if backend == "ext":
         raise ValueError(
-            f"LIFTPLACE_BACKEND=ext but the extension has no kernel for {device.type} tensors"
+            f"LIFTPLACE_BACKEND=ext but the extension has no {op} kernel for {device.type} tensors"
             f" (compiled for: {sorted(EXT_DEVICES) or 'nothing'}). Move the tensors to one of"
             " those devices, rebuild with that device's kernels, or use backend 'auto'."
         )
@@ -113,6 +112,13 @@ if HAS_EXT:
     def _bwd_fake(grad_rows, grad_slope, grad_intercept, x, y, slope, intercept, aux, group_id,
                   group_size, grouping, norm, width, need_grad_y):
         return torch.empty_like(x), (torch.empty_like(y) if need_grad_y else y.new_empty(0))
+
+    @torch.library.register_fake("liftplace::bucket_stats")
+    def _bucket_fake(values, timesteps, num_buckets, t_max):
+        acc = ref.acc_dtype(values.dtype)
+        sums = values.new_empty(num_buckets, values.shape[1], dtype=acc)
+        counts = values.new_empty(num_buckets, dtype=torch.long)
+        return sums, counts, values.new_empty(values.shape[0], dtype=torch.long)
 
     def _fwd_setup_context(ctx, inputs, output):
         x, y, group_size, grouping, norm, eps, width = inputs

@@ -171,3 +171,18 @@ def lift_place_bwd(grad_rows: Tensor, grad_slope: Tensor | None, grad_intercept:
     else:
         grad_y = y.new_empty(0)
     return grad_x.to(x.dtype), grad_y
+
+
+def bucket_index(timesteps: Tensor, num_buckets: int, t_max: float) -> Tensor:
+    """Bucket ``k = floor(t·K / T)`` of each timestep, clamped to ``[0, K)`` (METHOD.md §8)."""
+    k = torch.floor(timesteps.double() * num_buckets / t_max)
+    return k.nan_to_num(0.0).clamp(0, num_buckets - 1).long()
+
+
+def bucket_stats(values: Tensor, timesteps: Tensor, num_buckets: int, t_max: float):
+    """Twin of ``liftplace::bucket_stats``: ``(sums [K, S], counts [K], bucket [B])``."""
+    acc = acc_dtype(values.dtype)
+    bucket = bucket_index(timesteps, num_buckets, t_max)
+    onehot = torch.nn.functional.one_hot(bucket, num_buckets)  # [B, K]
+    sums = (onehot.to(acc).unsqueeze(2) * values.to(acc).unsqueeze(1)).sum(0)
+    return sums, onehot.sum(0), bucket

@@ -10,11 +10,12 @@ from torch import Tensor, nn
 
 from . import _ops
 from . import _reference as ref
+from .timesteps import _bucket_stats, check_timesteps
 
 GROUPINGS = ("global", "error", "patch")
 NORMS = ("l1", "l2")
 REDUCTIONS = ("sum", "mean")
-WEIGHTS = ("adaptive", "constant", "linear", "cosine")
+WEIGHTS = ("adaptive", "adaptive-timestep", "constant", "linear", "cosine")
 PARTS = ("both", "coarse", "fine")
 COARSE_WEIGHTS = ("constant", "anneal")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -159,6 +160,11 @@ def lift_place_loss(
     total_steps: int | None = None,
     check_finite: bool = False,
     return_stats: bool = False,
+    timesteps: Tensor | None = None,
+    num_buckets: int | None = None,
+    t_max: float | None = None,
+    bucket_state: dict | None = None,
+    bucket_ema: float = 0.9,
 ):
     """LIFT/PLACE distillation loss between student and teacher outputs (METHOD.md §3–§5).
 
@@ -171,14 +177,24 @@ def lift_place_loss(
         norm: coarse penalty on ``(a - 1, b)``: ``"l1"`` or ``"l2"``.
         reduction: ``"sum"`` (over C and S, mean over the batch) or ``"mean"``.
         weight: fine-term weight ``w``: ``"adaptive"`` (from the coefficients' distance
-            to (1, 0)), ``"constant"`` (1), ``"linear"`` / ``"cosine"`` (over ``total_steps``).
+            to (1, 0)), ``"adaptive-timestep"`` (one adaptive ``w_k`` per timestep bucket,
+            METHOD.md §8), ``"constant"`` (1), ``"linear"`` / ``"cosine"`` (over ``total_steps``).
+            Under ``torch.distributed`` the statistics behind an adaptive weight are summed
+            over ranks first, so every rank uses the same ``w``.
         parts: ``"both"`` (coarse + w·fine), ``"coarse"`` or ``"fine"``.
         coarse_weight: ``"constant"`` (the paper) or ``"anneal"``: ``(1 - w)·coarse + w·fine``,
             liftplace's own extension.
         eps: added to each group's mean variance of the student output.
         check_finite: raise a ``ValueError`` on NaN/Inf inputs (costs a host-device sync).
             Without it a non-finite input gives a NaN loss.
-        return_stats: also return a dict of detached statistics (no host sync).
+        return_stats: also return a dict of detached statistics (no host sync); with
+            timesteps, also ``bucket_*`` tensors ``[K]`` (NaN for empty buckets).
+        timesteps, num_buckets, t_max: per-sample timesteps ``[B]`` and ``K`` buckets over
+            ``[0, t_max)``; needed by ``weight="adaptive-timestep"``, optional otherwise
+            (then only the per-bucket statistics are added).
+        bucket_state, bucket_ema: a dict of tensors ``{"absdev": [K], "seen": [K] bool}``
+            updated in place with an EMA of each bucket's mean ``|a-1| + |b|`` (what
+            :class:`LiftPlaceLoss` keeps as buffers); ``None`` uses the batch alone.
 
     Returns:
         A scalar tensor (float32, or float64 for float64 inputs); with ``return_stats``,
@@ -187,6 +203,14 @@ def lift_place_loss(
     _check_tensors(student, teacher)
     _check_options(grouping, norm, reduction, weight, parts, coarse_weight, eps, step, total_steps)
     lay = _layout(student.shape, group_size, grouping)
+    buckets = None
+    if weight == "adaptive-timestep" or timesteps is not None:
+        if timesteps is None:
+            raise ValueError('weight="adaptive-timestep" needs timesteps= (one per sample), num_buckets= and t_max=')
+        check_timesteps(timesteps, lay.B, num_buckets, t_max, student.device, sync=check_finite)
+        if not 0.0 <= bucket_ema < 1.0:
+            raise ValueError(f"bucket_ema must be in [0, 1), got {bucket_ema!r}")
+        buckets = (timesteps, num_buckets, float(t_max), bucket_state, float(bucket_ema))
     if check_finite:
         _check_finite(student, teacher)
     x, y, P = _rows(student, teacher, lay, group_size, grouping)
@@ -195,10 +219,20 @@ def lift_place_loss(
         _, _, rows, _, _ = torch.ops.liftplace.lift_place_fwd(x, y, P, grouping, norm, float(eps), lay.width)
     else:
         _, _, rows = ref.lift_place_rows(x, y, P, grouping, norm, float(eps), lay.width)
-    return _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_steps, return_stats)
+    return _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_steps, return_stats, buckets)
 
 
-def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_steps, return_stats):
+def _all_reduce(t: Tensor) -> Tensor:
+    """Sum over ranks when running distributed (METHOD.md §8), else the tensor itself."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t)
+    return t
+
+
+def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_steps, return_stats,
+            buckets=None):
     totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
     scale = 1.0 / lay.B if reduction == "sum" else 1.0 / (lay.R * lay.N)
     coarse = totals[ref.COARSE] * scale
@@ -206,14 +240,30 @@ def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_step
     groups = lay.R * lay.G
     slope_absdev = totals[ref.ABS_SLOPE_DEV].detach() / groups
     intercept_absdev = totals[ref.ABS_INTERCEPT].detach() / groups
+    per_bucket = None
+    if buckets is not None:
+        per_bucket = _bucket_weights(rows, lay, buckets)
     if weight == "adaptive":
-        w = 1.0 - (slope_absdev + intercept_absdev).clamp(max=1.0)
+        absdev = totals[ref.ABS_SLOPE_DEV:ref.ABS_INTERCEPT + 1].detach()
+        absdev = _all_reduce(torch.cat([absdev, absdev.new_full((1,), groups)]))
+        w = 1.0 - ((absdev[0] + absdev[1]) / absdev[2]).clamp(max=1.0)
+    elif weight == "adaptive-timestep":
+        w = per_bucket["sample_weight"].mean()
     else:
         w = torch.full_like(coarse, _schedule(weight, step, total_steps)).detach()
     cw = (1.0 - w) if coarse_weight == "anneal" else torch.ones_like(w)
 
+    if weight == "adaptive-timestep":
+        # One weight per sample, from its bucket: w_b·fine_b and, annealed, (1 - w_b)·coarse_b.
+        per_sample = rows.view(lay.B, lay.C, ref.ROW_STATS).sum(1)
+        w_b = per_bucket["sample_weight"]
+        cw_b = (1.0 - w_b) if coarse_weight == "anneal" else torch.ones_like(w_b)
+        coarse_term = (cw_b * per_sample[:, ref.COARSE]).sum() * scale
+        fine_term = (w_b * per_sample[:, ref.FINE]).sum() * scale
+    else:
+        coarse_term, fine_term = cw * coarse, w * fine
     if parts == "both":
-        loss = cw * coarse + w * fine
+        loss = coarse_term + fine_term
     elif parts == "coarse":
         loss = coarse
     else:
@@ -232,7 +282,42 @@ def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_step
         "intercept_absdev": intercept_absdev,
         "output_mse": totals[ref.SQERR].detach() / (lay.R * lay.N),
     }
+    if per_bucket is not None:
+        sums, counts = per_bucket["sums"], per_bucket["counts"]
+        n = counts.to(sums.dtype)
+        n = torch.where(counts > 0, n, torch.full_like(n, float("nan")))  # empty bucket -> NaN
+        stats.update({
+            "bucket_coarse": sums[:, ref.COARSE] * (scale * lay.B) / n,
+            "bucket_fine": sums[:, ref.FINE] * (scale * lay.B) / n,
+            "bucket_slope_absdev": sums[:, ref.ABS_SLOPE_DEV] / (n * lay.C * lay.G),
+            "bucket_intercept_absdev": sums[:, ref.ABS_INTERCEPT] / (n * lay.C * lay.G),
+            "bucket_output_mse": sums[:, ref.SQERR] / (n * lay.C * lay.N),
+            "bucket_weight": per_bucket["weight"],
+            "bucket_count": counts,
+        })
     return loss, stats
+
+
+def _bucket_weights(rows, lay, buckets) -> dict:
+    """Per-bucket statistics and the per-bucket adaptive weight ``w_k`` (METHOD.md §8)."""
+    timesteps, K, t_max, state, ema = buckets
+    per_sample = rows.detach().view(lay.B, lay.C, ref.ROW_STATS).sum(1)  # [B, 7]
+    sums, counts, bucket = _bucket_stats(per_sample, timesteps, K, t_max)
+    sums, counts = _all_reduce(sums), _all_reduce(counts)
+    present = counts > 0
+    groups = (counts * (lay.C * lay.G)).clamp(min=1).to(sums.dtype)
+    absdev = (sums[:, ref.ABS_SLOPE_DEV] + sums[:, ref.ABS_INTERCEPT]) / groups
+    if state is not None:
+        with torch.no_grad():
+            seen = state["seen"]
+            smoothed = torch.where(seen, ema * state["absdev"] + (1.0 - ema) * absdev, absdev)
+            state["absdev"].copy_(torch.where(present, smoothed, state["absdev"]))
+            seen.logical_or_(present)
+        absdev = state["absdev"].to(sums.dtype)
+        present = state["seen"]
+    w_k = 1.0 - absdev.clamp(max=1.0)
+    w_k = torch.where(present, w_k, torch.zeros_like(w_k))  # no samples: contributes nothing
+    return {"sums": sums, "counts": counts, "weight": w_k, "sample_weight": w_k[bucket]}
 
 
 def fit_groups(student: Tensor, teacher: Tensor, *, group_size: int = 16, grouping: str = "error",
@@ -264,19 +349,37 @@ class LiftPlaceLoss(nn.Module):
     def __init__(self, *, group_size: int = 16, grouping: str = "error", norm: str = "l1",
                  reduction: str = "sum", weight: str = "adaptive", parts: str = "both",
                  coarse_weight: str = "constant", eps: float = 1e-7, total_steps: int | None = None,
-                 check_finite: bool = False, return_stats: bool = False):
+                 check_finite: bool = False, return_stats: bool = False,
+                 num_buckets: int | None = None, t_max: float | None = None,
+                 bucket_ema: float | None = 0.9):
         super().__init__()
         _check_options(grouping, norm, reduction, weight, parts, coarse_weight, eps, 0, total_steps or 1)
         self.options = dict(group_size=group_size, grouping=grouping, norm=norm, reduction=reduction,
                             weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
                             check_finite=check_finite, return_stats=return_stats)
         self.total_steps = total_steps
+        self.num_buckets, self.t_max, self.bucket_ema = num_buckets, t_max, bucket_ema
+        if num_buckets is not None:
+            check_timesteps(torch.zeros(1), 1, num_buckets, t_max, torch.device("cpu"), sync=False)
+            if bucket_ema is not None and not 0.0 <= bucket_ema < 1.0:
+                raise ValueError(f"bucket_ema must be in [0, 1) or None, got {bucket_ema!r}")
+            # EMA of each bucket's mean |a-1| + |b|: in state_dict(), hence in checkpoints.
+            self.register_buffer("bucket_absdev", torch.zeros(num_buckets, dtype=torch.float64))
+            self.register_buffer("bucket_seen", torch.zeros(num_buckets, dtype=torch.bool))
+        elif weight == "adaptive-timestep":
+            raise ValueError('weight="adaptive-timestep" needs num_buckets= and t_max= at construction')
 
     def forward(self, student: Tensor, teacher: Tensor, step: int | None = None,
-                total_steps: int | None = None):
+                total_steps: int | None = None, timesteps: Tensor | None = None):
+        bucket_kw = {}
+        if self.num_buckets is not None and timesteps is not None:
+            use_ema = self.bucket_ema is not None and self.training
+            state = {"absdev": self.bucket_absdev, "seen": self.bucket_seen} if use_ema else None
+            bucket_kw = dict(timesteps=timesteps, num_buckets=self.num_buckets, t_max=self.t_max,
+                             bucket_state=state, bucket_ema=self.bucket_ema or 0.0)
         return lift_place_loss(student, teacher, step=step,
                                total_steps=total_steps if total_steps is not None else self.total_steps,
-                               **self.options)
+                               **self.options, **bucket_kw)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
