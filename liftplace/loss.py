@@ -240,9 +240,10 @@ def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_step
     groups = lay.R * lay.G
     slope_absdev = totals[ref.ABS_SLOPE_DEV].detach() / groups
     intercept_absdev = totals[ref.ABS_INTERCEPT].detach() / groups
-    per_bucket = None
+    per_bucket = per_sample = None
     if buckets is not None:
-        per_bucket = _bucket_weights(rows, lay, buckets)
+        per_sample = rows.view(lay.B, lay.C, ref.ROW_STATS).sum(1)  # [B, ROW_STATS]
+        per_bucket = _bucket_weights(per_sample.detach(), lay, buckets)
     if weight == "adaptive":
         absdev = totals[ref.ABS_SLOPE_DEV:ref.ABS_INTERCEPT + 1].detach()
         absdev = _all_reduce(torch.cat([absdev, absdev.new_full((1,), groups)]))
@@ -255,7 +256,6 @@ def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_step
 
     if weight == "adaptive-timestep":
         # One weight per sample, from its bucket: w_b·fine_b and, annealed, (1 - w_b)·coarse_b.
-        per_sample = rows.view(lay.B, lay.C, ref.ROW_STATS).sum(1)
         w_b = per_bucket["sample_weight"]
         cw_b = (1.0 - w_b) if coarse_weight == "anneal" else torch.ones_like(w_b)
         coarse_term = (cw_b * per_sample[:, ref.COARSE]).sum() * scale
@@ -298,10 +298,9 @@ def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_step
     return loss, stats
 
 
-def _bucket_weights(rows, lay, buckets) -> dict:
+def _bucket_weights(per_sample, lay, buckets) -> dict:
     """Per-bucket statistics and the per-bucket adaptive weight ``w_k`` (METHOD.md §8)."""
     timesteps, K, t_max, state, ema = buckets
-    per_sample = rows.detach().view(lay.B, lay.C, ref.ROW_STATS).sum(1)  # [B, 7]
     sums, counts, bucket = _bucket_stats(per_sample, timesteps, K, t_max)
     sums, counts = _all_reduce(sums), _all_reduce(counts)
     present = counts > 0
