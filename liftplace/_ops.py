@@ -125,6 +125,8 @@ if HAS_EXT:
         slope, intercept, rows, aux, gid = output
         ctx.save_for_backward(x, y, slope, intercept, aux, gid)
         ctx.mark_non_differentiable(aux, gid)
+        # Unused outputs (aux, group_id, often slope) then cost no zero-filled gradient.
+        ctx.set_materialize_grads(False)
         ctx.args = (group_size, grouping, norm, width)
 
     def _fwd_backward(ctx, grad_slope, grad_intercept, grad_rows, _grad_aux, _grad_gid):

@@ -1,0 +1,495 @@
+// The CPU kernels' row loops, included twice by lift_place_cpu.cpp: once for the baseline
+// ISA and once under `#pragma GCC target("avx2")`, each time inside its own namespace. No
+// include guard on purpose. AVX2 without FMA: the vectorised lanes round exactly like the
+// scalar ones, so both builds give bitwise identical results.
+
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+inline double sign(double v) { return static_cast<double>((v > 0) - (v < 0)); }  // sign(NaN) = 0, as torch
+
+// ---------------------------------------------------------------------------------------
+// Error ranking: a stable LSD radix sort of the bits of e = (y - x)^2.
+//
+// Why radix: e >= 0, so its IEEE bits already order like the values, and an LSD radix
+// sort is stable, so ties go to the lower index for free. KERNELS.md measured it 4-7x
+// faster than std::sort on packed (key, index) pairs. Float64 uses the same code on
+// 63-bit keys (more passes, same guarantees) rather than a second algorithm.
+template <typename acc_t>
+struct KeyBits;
+template <>
+struct KeyBits<float> {
+  using U = uint32_t;
+  static constexpr int kBits = 31;
+  static constexpr U kInf = 0x7f800000u, kNaN = 0x7fc00000u;
+};
+template <>
+struct KeyBits<double> {
+  using U = uint64_t;
+  static constexpr int kBits = 63;
+  static constexpr U kInf = 0x7ff0000000000000ull, kNaN = 0x7ff8000000000000ull;
+};
+
+template <typename acc_t>
+inline typename KeyBits<acc_t>::U bits_of(acc_t v) {
+  typename KeyBits<acc_t>::U u;
+  std::memcpy(&u, &v, sizeof u);
+  return u;
+}
+
+// The key is kept as an acc_t with cleaned bits (read back through bits_of). A NaN may carry
+// the sign bit and any payload; torch.sort treats all NaNs as equal and largest, so map them
+// to one NaN above +inf: NaNs then rank last, ties by index, exactly like the twin.
+template <typename acc_t>
+inline acc_t error_key(acc_t e) {
+  using KB = KeyBits<acc_t>;
+  typename KB::U u = bits_of(e) & ~(typename KB::U(1) << KB::kBits);
+  u = u > KB::kInf ? KB::kNaN : u;
+  acc_t k;
+  std::memcpy(&k, &u, sizeof k);
+  return k;
+}
+
+// Digit width: 8 bits for short rows (the 2048-bucket histograms of 11 bits cost more than
+// they save there), 11 bits from 4096 elements on (KERNELS.md table).
+inline bool use_wide_digits(int64_t n) { return n > 2048; }
+
+// Sorts the keys in key[0, n) (destroyed, as is key_tmp) and writes the stable ascending
+// order of their indices to `order`. Passes whose digit is the same for every key are skipped.
+template <int kDigit, typename acc_t, typename Idx>
+void radix_order(acc_t* key, acc_t* key_tmp, Idx* order, Idx* idx_tmp, uint32_t* hist, int64_t n) {
+  using U = typename KeyBits<acc_t>::U;
+  constexpr int kBuckets = 1 << kDigit;
+  constexpr int kPasses = (KeyBits<acc_t>::kBits + kDigit - 1) / kDigit;
+  constexpr U kMask = kBuckets - 1;
+
+  std::fill(hist, hist + kPasses * kBuckets, 0u);
+  for (int64_t i = 0; i < n; ++i) {
+    const U u = bits_of(key[i]);
+    for (int p = 0; p < kPasses; ++p) ++hist[p * kBuckets + ((u >> (p * kDigit)) & kMask)];
+  }
+  int active[kPasses];
+  int m = 0;
+  const U u0 = bits_of(key[0]);
+  for (int p = 0; p < kPasses; ++p) {
+    uint32_t* h = hist + p * kBuckets;
+    if (h[(u0 >> (p * kDigit)) & kMask] == static_cast<uint32_t>(n)) continue;
+    uint32_t run = 0;
+    for (int b = 0; b < kBuckets; ++b) {
+      const uint32_t c = h[b];
+      h[b] = run;
+      run += c;
+    }
+    active[m++] = p;
+  }
+  if (m == 0) {
+    for (int64_t i = 0; i < n; ++i) order[i] = static_cast<Idx>(i);
+    return;
+  }
+  // Ping-pong so that the last active pass lands in `order`.
+  const acc_t* ks = key;
+  const Idx* is = nullptr;  // identity before the first pass
+  for (int j = 0; j < m; ++j) {
+    const int shift = active[j] * kDigit;
+    uint32_t* off = hist + active[j] * kBuckets;
+    acc_t* kd = (j % 2 == 0) ? key_tmp : key;
+    Idx* id = ((m - 1 - j) % 2 == 0) ? order : idx_tmp;
+    const bool last = j == m - 1;
+    if (is == nullptr && !last) {
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t k = ks[i];
+        const uint32_t pos = off[(bits_of(k) >> shift) & kMask]++;
+        kd[pos] = k;
+        id[pos] = static_cast<Idx>(i);
+      }
+    } else if (is == nullptr) {
+      for (int64_t i = 0; i < n; ++i) id[off[(bits_of(ks[i]) >> shift) & kMask]++] = static_cast<Idx>(i);
+    } else if (!last) {
+      for (int64_t i = 0; i < n; ++i) {
+        const acc_t k = ks[i];
+        const uint32_t pos = off[(bits_of(k) >> shift) & kMask]++;
+        kd[pos] = k;
+        id[pos] = is[i];
+      }
+    } else {
+      for (int64_t i = 0; i < n; ++i) id[off[(bits_of(ks[i]) >> shift) & kMask]++] = is[i];
+    }
+    ks = kd;
+    is = id;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward: gather each group, two-pass (centred) fit, the row's 7 statistics.
+
+// Sums run in independent double partials combined in a fixed order: the compiler may not
+// reorder float adds, so one accumulator would serialise on the add latency, and a fixed
+// order keeps results independent of the thread count. Short groups are fitted kLanes
+// groups at a time (one partial per group); long runs spread over kSumLanes partials.
+constexpr int kLanes = 4;
+constexpr int kSumLanes = 8;
+
+template <typename acc_t, typename T>
+inline double as_double(T v) {
+  return static_cast<double>(static_cast<acc_t>(v));
+}
+
+// sum_{i<n} term(i): element i in partial i % kSumLanes, the tail in its own sum (a partial
+// picked at run time would push them all out of registers).
+template <typename Term>
+inline double lane_sum(int64_t n, Term&& term) {
+  double p[kSumLanes] = {}, tail = 0;
+  const int64_t body = n - n % kSumLanes;
+  for (int64_t i = 0; i < body; i += kSumLanes)
+    for (int l = 0; l < kSumLanes; ++l) p[l] += term(i + l);
+  for (int64_t i = body; i < n; ++i) tail += term(i);
+  static_assert(kSumLanes == 8, "the combine below is written for 8 partials");
+  return (((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))) + tail;
+}
+
+template <typename acc_t, typename scalar_t>
+inline double sum_sq_diff(const scalar_t* x, const scalar_t* y, int64_t n) {
+  return lane_sum(n, [&](int64_t i) {
+    const acc_t d = static_cast<acc_t>(y[i]) - static_cast<acc_t>(x[i]);
+    return static_cast<double>(d * d);
+  });
+}
+
+template <typename acc_t>
+inline void store_group(double a, double b, double mx, double my, double d, double fine, int64_t n, int64_t g,
+                        bool l2, const FwdRow<acc_t>& out, RowSums& rs) {
+  const double coarse = l2 ? (a - 1) * (a - 1) + b * b : std::abs(a - 1) + std::abs(b);
+  rs.coarse += n * coarse;
+  rs.fine += fine;
+  rs.absdev += std::abs(a - 1);
+  rs.absb += std::abs(b);
+  rs.suma += a;
+  rs.sumb += b;
+  out.slope[g] = static_cast<acc_t>(a);
+  out.intercept[g] = static_cast<acc_t>(b);
+  out.aux[g * kAux + kMeanX] = static_cast<acc_t>(mx);
+  out.aux[g * kAux + kMeanY] = static_cast<acc_t>(my);
+  out.aux[g * kAux + kDenom] = static_cast<acc_t>(d);
+}
+
+// Centred (two-pass) fit of kLanes groups of n values each, interleaved so that value j
+// of group g0 + l sits at [j * kLanes + l]: lane = group, and the lane loops vectorise.
+// The values are in L1 after the gather, so the second pass is nearly free and fp32
+// inputs with |mean| >> std keep their accuracy (never E[x^2] - E[x]^2).
+template <typename acc_t>
+inline void fit_lanes(const double* bx, const double* by, int64_t n, int64_t g0, double eps, bool l2,
+                      const FwdRow<acc_t>& out, RowSums& rs) {
+  double mx[kLanes] = {}, my[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      mx[l] += bx[j * kLanes + l];
+      my[l] += by[j * kLanes + l];
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    mx[l] /= n;
+    my[l] /= n;
+  }
+  double sxx[kLanes] = {}, sxy[kLanes] = {};
+  for (int64_t j = 0; j < n; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double dx = bx[j * kLanes + l] - mx[l], dy = by[j * kLanes + l] - my[l];
+      sxx[l] += dx * dx;
+      sxy[l] += dx * dy;
+    }
+  }
+  double d[kLanes], a[kLanes], fine[kLanes] = {};
+  for (int l = 0; l < kLanes; ++l) {
+    d[l] = sxx[l] / n + eps;
+    a[l] = sxy[l] / n / d[l];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double r = a[l] * (bx[j * kLanes + l] - mx[l]) - (by[j * kLanes + l] - my[l]);
+      fine[l] += r * r;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l)
+    store_group(a[l], my[l] - a[l] * mx[l], mx[l], my[l], d[l], fine[l], n, g0 + l, l2, out, rs);
+}
+
+// The same fit for one contiguous group (global rows, ragged or left-over groups). One
+// lane_sum per moment: measured faster than fusing them, as each loop vectorises alone.
+template <typename acc_t, typename T>
+inline void fit_one(const T* gx, const T* gy, int64_t n, int64_t g, double eps, bool l2, const FwdRow<acc_t>& out,
+                    RowSums& rs) {
+  auto X = [&](int64_t i) { return as_double<acc_t>(gx[i]); };
+  auto Y = [&](int64_t i) { return as_double<acc_t>(gy[i]); };
+  const double mx = lane_sum(n, X) / n;
+  const double my = lane_sum(n, Y) / n;
+  const double sxx = lane_sum(n, [&](int64_t i) {
+    const double dx = X(i) - mx;
+    return dx * dx;
+  });
+  const double sxy = lane_sum(n, [&](int64_t i) { return (X(i) - mx) * (Y(i) - my); });
+  const double d = sxx / n + eps;
+  const double a = sxy / n / d;
+  const double fine = lane_sum(n, [&](int64_t i) {
+    const double r = a * (X(i) - mx) - (Y(i) - my);
+    return r * r;
+  });
+  store_group(a, my - a * mx, mx, my, d, fine, n, g, l2, out, rs);
+}
+
+// Fits groups 0..G-1 (P values each, the last n_last). gather(g, n, dst_x, dst_y, stride)
+// writes group g's values as doubles to dst[j * stride]; only kLanes groups are staged at
+// a time, so the scratch stays in L1 instead of holding a gathered copy of the row.
+template <typename acc_t, typename Gather>
+inline void fit_row(int64_t G, int64_t P, int64_t n_last, Gather&& gather, double* bx, double* by, double eps,
+                    bool l2, const FwdRow<acc_t>& out, RowSums& rs) {
+  const int64_t full = n_last == P ? G : G - 1;
+  int64_t g = 0;
+  for (; g + kLanes <= full; g += kLanes) {
+    for (int l = 0; l < kLanes; ++l) gather(g + l, P, bx + l, by + l, kLanes);
+    fit_lanes(bx, by, P, g, eps, l2, out, rs);
+  }
+  for (; g < G; ++g) {
+    const int64_t n = g == G - 1 ? n_last : P;
+    gather(g, n, bx, by, 1);
+    fit_one<acc_t>(bx, by, n, g, eps, l2, out, rs);
+  }
+}
+
+template <typename acc_t>
+inline void store_row(acc_t* rows, const RowSums& rs) {
+  rows[kCoarse] = static_cast<acc_t>(rs.coarse);
+  rows[kFine] = static_cast<acc_t>(rs.fine);
+  rows[kSqErr] = static_cast<acc_t>(rs.sqerr);
+  rows[kAbsSlopeDev] = static_cast<acc_t>(rs.absdev);
+  rows[kAbsIntercept] = static_cast<acc_t>(rs.absb);
+  rows[kSumSlope] = static_cast<acc_t>(rs.suma);
+  rows[kSumIntercept] = static_cast<acc_t>(rs.sumb);
+}
+
+// Staging scratch for fit_row: kLanes groups when there are that many, or the last group.
+inline int64_t stage_size(int64_t G, int64_t P, int64_t n_last) {
+  return std::max(G >= kLanes ? kLanes * P : P, n_last);
+}
+
+// grouping="error": rank, then gather groups by rank and fit.
+template <int kDigit, typename Idx, typename scalar_t, typename acc_t>
+void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
+  const int64_t N = A.N, P = A.P, G = A.G, n_last = N - (G - 1) * P;  // the last group takes N % P extra
+  constexpr int kPasses = (KeyBits<acc_t>::kBits + kDigit - 1) / kDigit;
+  auto key = scratch<acc_t>(N), key_tmp = scratch<acc_t>(N);
+  auto order = scratch<Idx>(N), idx_tmp = scratch<Idx>(N);
+  auto hist = scratch<uint32_t>(int64_t(kPasses) << kDigit);
+  auto bx = scratch<double>(stage_size(G, P, n_last)), by = scratch<double>(stage_size(G, P, n_last));
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* x = A.x + r * N;
+    const scalar_t* y = A.y + r * N;
+    RowSums rs;
+    // The key is computed exactly as the twin does: d = y - x in acc_t, e = d * d.
+    rs.sqerr = lane_sum(N, [&](int64_t i) {
+      const acc_t d = static_cast<acc_t>(y[i]) - static_cast<acc_t>(x[i]);
+      const acc_t e = d * d;
+      key[i] = error_key(e);
+      return static_cast<double>(e);
+    });
+    radix_order<kDigit>(key.get(), key_tmp.get(), order.get(), idx_tmp.get(), hist.get(), N);
+    const Idx* ord = order.get();
+    // A tight loop of its own: interleaved with the fits, these scattered stores fill the
+    // store buffer and stall everything (measured 2x slower at N = 65536). Prefetching
+    // the lines for writing helps once the row's ids outgrow L1.
+    int32_t* gid_row = A.gid + r * N;
+    constexpr int64_t kAhead = 64;
+    const int64_t prefetch_end = N * sizeof(int32_t) > 32768 ? N - kAhead : 0;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t hi = g == G - 1 ? N : (g + 1) * P;
+      for (int64_t k = g * P; k < hi; ++k) {
+        if (k < prefetch_end) LIFTPLACE_PREFETCH_FOR_WRITE(gid_row + ord[k + kAhead]);
+        gid_row[ord[k]] = static_cast<int32_t>(g);
+      }
+    }
+    auto gather = [&](int64_t g, int64_t n, double* dx, double* dy, int64_t stride) {
+      const Idx* o = ord + g * P;
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t i = o[j];
+        dx[j * stride] = as_double<acc_t>(x[i]);
+        dy[j * stride] = as_double<acc_t>(y[i]);
+      }
+    };
+    const FwdRow<acc_t> out{A.slope + r * G, A.intercept + r * G, A.aux + r * G * kAux};
+    fit_row(G, P, n_last, gather, bx.get(), by.get(), A.eps, A.l2, out, rs);
+    store_row(A.rows + r * kRowStats, rs);
+  }
+}
+
+// grouping="patch": group g is the p x p tile (g / tiles_w, g % tiles_w).
+template <typename scalar_t, typename acc_t>
+void fwd_patch_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
+  const int64_t N = A.N, P = A.P, G = A.G, W = A.width;
+  const int64_t p = patch_side(P), tiles_w = W / p;
+  auto bx = scratch<double>(stage_size(G, P, P)), by = scratch<double>(stage_size(G, P, P));
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* x = A.x + r * N;
+    const scalar_t* y = A.y + r * N;
+    RowSums rs;
+    rs.sqerr = sum_sq_diff<acc_t>(x, y, N);
+    auto gather = [&](int64_t g, int64_t n, double* dx, double* dy, int64_t stride) {
+      const int64_t base = (g / tiles_w) * p * W + (g % tiles_w) * p;
+      for (int64_t h = 0; h < p; ++h) {
+        for (int64_t w = 0; w < p; ++w) {
+          const int64_t i = base + h * W + w, j = h * p + w;
+          dx[j * stride] = as_double<acc_t>(x[i]);
+          dy[j * stride] = as_double<acc_t>(y[i]);
+        }
+      }
+    };
+    const FwdRow<acc_t> out{A.slope + r * G, A.intercept + r * G, A.aux + r * G * kAux};
+    fit_row(G, P, P, gather, bx.get(), by.get(), A.eps, A.l2, out, rs);
+    store_row(A.rows + r * kRowStats, rs);
+  }
+}
+
+// grouping="global": the row is the group, read in place.
+template <typename scalar_t, typename acc_t>
+void fwd_global_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
+  const int64_t N = A.N;
+  for (int64_t r = begin; r < end; ++r) {
+    const scalar_t* x = A.x + r * N;
+    const scalar_t* y = A.y + r * N;
+    RowSums rs;
+    rs.sqerr = sum_sq_diff<acc_t>(x, y, N);
+    const FwdRow<acc_t> out{A.slope + r, A.intercept + r, A.aux + r * kAux};
+    fit_one<acc_t>(x, y, N, 0, A.eps, A.l2, out, rs);
+    store_row(A.rows + r * kRowStats, rs);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: the gradient is affine per group; fold everything per group into a few
+// constants, then one streaming pass over the elements.
+
+template <typename acc_t>
+struct GradCoef {
+  acc_t mx, my, a, k, two_a, fine_a, cx, cy;
+};
+
+struct RowGrads {
+  double coarse, fine, sqerr, absdev, absb, suma, sumb;
+};
+
+// centred form of _reference.lift_place_bwd:
+//   grad_x = K (dy - 2a dx) - GB a/n + 2a g_fine r + 2 g_sqerr (x - y)
+//   grad_y = K dx + GB/n - 2 g_fine r - 2 g_sqerr (x - y),   r = a dx - dy
+template <typename acc_t>
+inline GradCoef<acc_t> group_coef(const RowGrads& g, double a, double b, double mx, double my, double d, double n,
+                                  bool l2, double extra_a, double extra_b) {
+  const double da = l2 ? 2 * (a - 1) : sign(a - 1);
+  const double db = l2 ? 2 * b : sign(b);
+  const double GA = g.coarse * n * da + g.absdev * sign(a - 1) + g.suma + extra_a;
+  const double GB = g.coarse * n * db + g.absb * sign(b) + g.sumb + extra_b;
+  const double K = (GA - GB * mx) / (n * d);
+  GradCoef<acc_t> c;
+  c.mx = static_cast<acc_t>(mx);
+  c.my = static_cast<acc_t>(my);
+  c.a = static_cast<acc_t>(a);
+  c.k = static_cast<acc_t>(K);
+  c.two_a = static_cast<acc_t>(2 * a);
+  c.fine_a = static_cast<acc_t>(2 * a * g.fine);
+  c.cx = static_cast<acc_t>(-GB * a / n);
+  c.cy = static_cast<acc_t>(GB / n);
+  return c;
+}
+
+template <bool kNeedY, typename scalar_t, typename acc_t>
+inline void elem_grad(const GradCoef<acc_t>& c, acc_t two_fine, acc_t two_sq, scalar_t xs, scalar_t ys,
+                      scalar_t* gx, scalar_t* gy) {
+  const acc_t xv = static_cast<acc_t>(xs), yv = static_cast<acc_t>(ys);
+  const acc_t dx = xv - c.mx, dy = yv - c.my;
+  const acc_t r = c.a * dx - dy;
+  const acc_t diff = xv - yv;
+  *gx = static_cast<scalar_t>(c.k * (dy - c.two_a * dx) + c.cx + c.fine_a * r + two_sq * diff);
+  if constexpr (kNeedY) *gy = static_cast<scalar_t>(c.k * dx + c.cy - two_fine * r - two_sq * diff);
+}
+
+template <bool kNeedY, typename scalar_t, typename acc_t>
+void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end, std::atomic<bool>& bad_gid) {
+  const int64_t N = A.N, G = A.G, P = A.P;
+  auto coef = scratch<GradCoef<acc_t>>(G);
+  for (int64_t r = begin; r < end; ++r) {
+    const acc_t* gr = A.grad_rows + r * kRowStats;
+    const RowGrads g{gr[kCoarse], gr[kFine], gr[kSqErr], gr[kAbsSlopeDev], gr[kAbsIntercept], gr[kSumSlope],
+                     gr[kSumIntercept]};
+    for (int64_t k = 0; k < G; ++k) {
+      const int64_t j = r * G + k;
+      const double n = A.grouping == Grouping::Error ? (k == G - 1 ? double(N - (G - 1) * P) : double(P))
+                       : A.grouping == Grouping::Patch ? double(P)
+                                                       : double(N);
+      const acc_t* ax = A.aux + j * kAux;
+      coef[k] = group_coef<acc_t>(g, A.slope[j], A.intercept[j], ax[kMeanX], ax[kMeanY], ax[kDenom], n, A.l2,
+                                  A.grad_slope ? double(A.grad_slope[j]) : 0.0,
+                                  A.grad_intercept ? double(A.grad_intercept[j]) : 0.0);
+    }
+    const acc_t two_fine = static_cast<acc_t>(2 * g.fine), two_sq = static_cast<acc_t>(2 * g.sqerr);
+    const scalar_t* x = A.x + r * N;
+    const scalar_t* y = A.y + r * N;
+    scalar_t* gx = A.gx + r * N;
+    scalar_t* gy = kNeedY ? A.gy + r * N : nullptr;
+    if (A.grouping == Grouping::Error) {
+      const int32_t* gid = A.gid + r * N;
+      bool bad = false;
+      for (int64_t i = 0; i < N; ++i) {
+        const uint32_t k = static_cast<uint32_t>(gid[i]);
+        if (k >= static_cast<uint32_t>(G)) {
+          bad = true;
+          continue;
+        }
+        elem_grad<kNeedY>(coef[k], two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
+      }
+      if (bad) bad_gid.store(true);
+    } else if (A.grouping == Grouping::Patch) {
+      const int64_t W = A.width, p = patch_side(P), tiles_w = W / p;
+      for (int64_t h = 0; h < N / W; ++h) {
+        const GradCoef<acc_t>* row_coef = coef.get() + (h / p) * tiles_w;
+        for (int64_t tw = 0; tw < tiles_w; ++tw) {
+          const GradCoef<acc_t> c = row_coef[tw];
+          const int64_t i0 = h * W + tw * p;
+          for (int64_t i = i0; i < i0 + p; ++i)
+            elem_grad<kNeedY>(c, two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
+        }
+      }
+    } else {
+      const GradCoef<acc_t> c = coef[0];
+      for (int64_t i = 0; i < N; ++i)
+        elem_grad<kNeedY>(c, two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
+    }
+  }
+}
+
+// Entry points: rows [begin, end) of one parallel_for task.
+template <typename scalar_t, typename acc_t>
+void fwd_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
+  if (A.grouping == Grouping::Error) {
+    // A uint16 index halves the index traffic of every pass when it fits.
+    if (A.N <= 65536) {
+      if (use_wide_digits(A.N))
+        fwd_error_rows<11, uint16_t>(A, begin, end);
+      else
+        fwd_error_rows<8, uint16_t>(A, begin, end);
+    } else {
+      fwd_error_rows<11, uint32_t>(A, begin, end);
+    }
+  } else if (A.grouping == Grouping::Patch) {
+    fwd_patch_rows(A, begin, end);
+  } else {
+    fwd_global_rows(A, begin, end);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, bool need_grad_y, int64_t begin, int64_t end,
+              std::atomic<bool>& bad_gid) {
+  if (need_grad_y)
+    bwd_rows<true>(A, begin, end, bad_gid);
+  else
+    bwd_rows<false>(A, begin, end, bad_gid);
+}
