@@ -145,6 +145,26 @@ def test_long_rows():
         check_bwd(x, y, 16, "error", "l1", 0, out, twin, gid, truth)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("N", [1000, 4099, 70001])
+def test_error_key_ranges(dtype, N):
+    # The sort runs only over the bits where a row's keys differ: rows whose errors span a
+    # narrow range (one pass), one huge outlier over a narrow bulk (the low passes see few
+    # distinct digits), and errors that are multiples of a power of two (a middle digit
+    # constant, so that pass is skipped). Membership must still equal the stable sort's.
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(4, N, generator=g, dtype=torch.float64)
+    d = torch.empty(4, N, dtype=torch.float64)
+    d[0] = 1e-3 * (1 + 1e-4 * torch.rand(N, generator=g, dtype=torch.float64))
+    d[1] = 0.5 + 1e-3 * torch.rand(N, generator=g, dtype=torch.float64)
+    d[1, N // 2] = 1e3
+    d[2] = torch.randint(0, 64, (N,), generator=g).double() * 2.0 ** -4
+    d[3] = torch.randn(N, generator=g, dtype=torch.float64) * torch.exp(3 * torch.randn(N, generator=g, dtype=torch.float64))
+    x, y = x.to(dtype), (x + d).to(dtype)
+    out, twin, gid, truth = check_fwd(x, y, 16, "error")
+    check_bwd(x, y, 16, "error", "l1", 0, out, twin, gid, truth)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 def test_ties_follow_index(dtype):
     # Few distinct values: many equal errors, which a stable sort orders by index.
