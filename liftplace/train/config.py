@@ -1,0 +1,476 @@
+"""Training configuration: one dataclass, loaded from defaults < YAML file < command line.
+
+Keys are the flag names of diffusers' training examples where a meaning exists
+(``output_dir``, ``train_batch_size``, ``learning_rate``, ...) and BK-SDM's KD names
+(``lambda_sd``, ``lambda_kd_output``, ``lambda_kd_feat``); the LIFT/PLACE options are
+``kd_*`` and ``group_size``. A YAML file uses the same keys, flat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+KD_LOSSES = ("place", "lift", "output", "none")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _f(default, help: str, group: str, choices=None, **kw):
+    meta = {"help": help, "group": group}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of ``liftplace distill`` / ``train-teacher``; see ``liftplace distill --help``."""
+
+    # --- models ------------------------------------------------------------------------
+    model_type: str = _f("unet2d", "Model family (the calling convention of teacher and student).", "model",
+                         choices=("unet2d",))
+    pretrained_model_name_or_path: str | None = _f(
+        None, "Teacher: a local diffusers model folder (save_pretrained: config.json + weights) or a "
+        "pipeline folder with unet/. Nothing is downloaded. 'builtin:digits' is the teacher shipped "
+        "with liftplace.", "model")
+    teacher_config: dict | str | None = _f(
+        None, "Teacher architecture (a dict in YAML, or a JSON file) with random weights; for tests "
+        "and smoke runs. Exclusive with pretrained_model_name_or_path.", "model")
+    teacher_dtype: str = _f("fp32", "Dtype of the frozen teacher's weights.", "model", choices=("fp32", "bf16", "fp16"))
+    student_model_name_or_path: str | None = _f(
+        None, "Initialise the student from this local diffusers model folder.", "model")
+    student_config: dict | str | None = _f(
+        None, "Student architecture (a dict in YAML, or a JSON file). When neither this nor "
+        "student_model_name_or_path is set, the student is derived from the teacher with "
+        "student_width_mult / student_layers_per_block / student_attention.", "model")
+    student_width_mult: float = _f(0.25, "Derived student: channel width multiplier (0 < m <= 1).", "model")
+    student_layers_per_block: int | None = _f(
+        None, "Derived student: resnet layers per block (default: the teacher's).", "model")
+    student_attention: bool | None = _f(
+        None, "Derived student: keep (true) or drop (false) attention blocks (default: as the teacher).",
+        "model")
+    student_norm_num_groups: int | None = _f(
+        None, "Derived student: GroupNorm groups (default: the teacher's, reduced to divide every "
+        "width).", "model")
+
+    # --- data --------------------------------------------------------------------------
+    dataset_name: str = _f("digits", "'digits' (scikit-learn's bundled digits, upscaled), 'synthetic', "
+                           "or the path of an image folder.", "data")
+    train_data_dir: str | None = _f(None, "An image folder (overrides dataset_name).", "data")
+    resolution: int = _f(16, "Training image resolution (square).", "data")
+    center_crop: bool = _f(True, "Image folders: centre crop (else random crop) after resizing.", "data")
+    random_flip: bool = _f(False, "Flip training images horizontally with probability 0.5.", "data")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes (0: load in the main process).", "data")
+
+    # --- noise schedule ------------------------------------------------------------------
+    prediction_type: str = _f("epsilon", "What the models predict (the DDPMScheduler prediction type); "
+                              "must be what the teacher was trained for.", "schedule",
+                              choices=("epsilon", "v_prediction", "sample"))
+    ddpm_num_steps: int = _f(1000, "Training timesteps of the DDPM noise schedule.", "schedule")
+    ddpm_beta_schedule: str = _f("linear", "Beta schedule of the DDPM noise schedule.", "schedule",
+                                 choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+    ddpm_num_inference_steps: int = _f(50, "DDIM steps for validation sample grids.", "schedule")
+
+    # --- optimisation ------------------------------------------------------------------
+    output_dir: str = _f("runs/distill", "Where checkpoints, metrics, samples and the final model go.", "train")
+    seed: int = _f(0, "Seed of initialisation, data order, noise and timesteps.", "train")
+    train_batch_size: int = _f(64, "Batch size per process (per micro-batch).", "train")
+    max_train_steps: int = _f(1000, "Optimizer steps to train for.", "train")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches accumulated per optimizer step.", "train")
+    learning_rate: float = _f(1e-3, "Peak AdamW learning rate.", "train")
+    lr_scheduler: str = _f("cosine", "Learning-rate schedule (diffusers.optimization.get_scheduler).", "train",
+                           choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = _f(0, "Linear warmup steps of the learning-rate schedule.", "train")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", "train")
+    adam_beta2: float = _f(0.999, "AdamW beta2.", "train")
+    adam_weight_decay: float = _f(1e-6, "AdamW decoupled weight decay.", "train")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", "train")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping; the norm is still logged).",
+                              "train")
+    use_ema: bool = _f(True, "Keep an EMA of the student (diffusers EMAModel); samples and the final "
+                       "export use it.", "train")
+    ema_decay: float = _f(0.9999, "Maximum EMA decay.", "train")
+    use_ema_warmup: bool = _f(True, "EMA warmup: decay = 1 - (1 + step/ema_inv_gamma)^-ema_power.", "train")
+    ema_inv_gamma: float = _f(1.0, "EMA warmup inverse gamma.", "train")
+    ema_power: float = _f(0.75, "EMA warmup power.", "train")
+    mixed_precision: str = _f("no", "Autocast of the forward passes (accelerate); losses stay fp32.", "train",
+                              choices=("no", "bf16", "fp16"))
+    max_bad_steps: int = _f(10, "Stop with an error after this many consecutive steps with a non-finite "
+                            "loss or gradient (each one is skipped).", "train")
+
+    # --- distillation --------------------------------------------------------------------
+    kd_loss: str = _f("place", "Output distillation: place (LIFT+PLACE), lift (one fit per row), output "
+                      "(plain MSE, conventional KD) or none (plain training).", "kd", choices=KD_LOSSES)
+    lambda_sd: float = _f(1.0, "Weight of the student's own denoising loss.", "kd")
+    lambda_kd_output: float = _f(1.0, "Weight of the output distillation loss.", "kd")
+    lambda_kd_feat: float = _f(0.0, "Weight of FitNet feature distillation (1x1 conv adapters; 0: off).", "kd")
+    kd_feat_layers: str = _f("all", "Feature KD points: 'all' or a comma list such as "
+                             "'mid_block,up_blocks.0'.", "kd")
+    group_size: int = _f(16, "Elements per group (PLACE and patch grouping).", "kd")
+    kd_grouping: str | None = _f(None, "Override the grouping implied by kd_loss (place: error, lift: "
+                                 "global).", "kd", choices=("global", "error", "patch"))
+    kd_norm: str = _f("l1", "Coarse penalty on (a - 1, b).", "kd", choices=("l1", "l2"))
+    kd_reduction: str = _f("sum", "Reduction of every loss term: sum (over C,H,W; mean over batch) or "
+                           "mean.", "kd", choices=("sum", "mean"))
+    kd_weight: str = _f("adaptive", "Fine-term weight schedule.", "kd",
+                        choices=("adaptive", "constant", "linear", "cosine"))
+    kd_parts: str = _f("both", "Which LIFT/PLACE terms: both, coarse or fine.", "kd",
+                       choices=("both", "coarse", "fine"))
+    kd_coarse_weight: str = _f("constant", "constant (the paper) or anneal: (1 - w)*coarse + w*fine "
+                               "(liftplace's extension).", "kd", choices=("constant", "anneal"))
+    kd_eps: float = _f(1e-7, "Added to each group's mean variance in the fit.", "kd")
+
+    # --- logging and checkpoints ----------------------------------------------------------
+    logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "log")
+    report_to: str = _f("tensorboard", "Also log to TensorBoard (when installed) or to nothing else.", "log",
+                        choices=("tensorboard", "none"))
+    logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.", "log")
+    validation_steps: int = _f(500, "Save a DDIM sample grid from the (EMA) student every this many steps "
+                               "and at the end (0: only at the end).", "log")
+    num_validation_images: int = _f(16, "Images in each validation grid.", "log")
+    checkpointing_steps: int = _f(500, "Save a resumable checkpoint every this many steps (and at the end).",
+                                  "log")
+    checkpoints_total_limit: int | None = _f(None, "Keep only this many most recent checkpoints.", "log")
+    resume_from_checkpoint: str | None = _f(None, "'latest' (in output_dir) or a checkpoint folder.", "log")
+    progress_bar: bool = _f(True, "Show a tqdm progress bar.", "log")
+    export_dtype: str = _f("fp32", "Dtype of the final exported model's weights.", "log",
+                           choices=("fp32", "fp16", "bf16"))
+
+    # ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def save_yaml(self, path) -> None:
+        import yaml
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+    def replace(self, **changes) -> "TrainConfig":
+        """A copy with ``changes`` applied and validated (unknown keys are errors)."""
+        merged = self.to_dict()
+        merged.update(_coerce_mapping(changes, "arguments"))
+        cfg = TrainConfig(**merged)
+        cfg.validate()
+        return cfg
+
+    @property
+    def grouping(self) -> str:
+        if self.kd_grouping is not None:
+            return self.kd_grouping
+        return "global" if self.kd_loss == "lift" else "error"
+
+    def validate(self) -> "TrainConfig":
+        """Check ranges and combinations; raises :class:`ConfigError` naming the key."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            _check_type(f.name, value, _field_kinds()[f.name], "config")
+            choices = f.metadata.get("choices")
+            if choices and value is not None and value not in choices:
+                raise ConfigError(f"{f.name} must be one of {', '.join(map(repr, choices))}; got {value!r}"
+                                  + _suggest(str(value), choices))
+        positive = ("resolution", "ddpm_num_steps", "ddpm_num_inference_steps", "train_batch_size",
+                    "max_train_steps", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
+                    "num_validation_images", "max_bad_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_steps", "validation_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("learning_rate", "kd_eps", "ema_inv_gamma", "ema_power"):
+            v = getattr(self, name)
+            if not (v > 0 and math.isfinite(v)):
+                raise ConfigError(f"{name} must be a positive finite number, got {v}")
+        for name in ("lambda_sd", "lambda_kd_output", "lambda_kd_feat", "max_grad_norm", "adam_weight_decay",
+                     "adam_epsilon"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {v}")
+        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+            v = getattr(self, name)
+            if not 0 <= v < 1 and not (name == "ema_decay" and v == 1):
+                raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        if not 0 < self.student_width_mult <= 1:
+            raise ConfigError(f"student_width_mult must be in (0, 1], got {self.student_width_mult}")
+        if self.group_size < 2:
+            raise ConfigError(f"group_size must be >= 2, got {self.group_size}")
+        for name in ("student_layers_per_block", "student_norm_num_groups", "checkpoints_total_limit"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{name} must be >= 1 (or null), got {v}")
+        if self.pretrained_model_name_or_path is not None and self.teacher_config is not None:
+            raise ConfigError("set only one of pretrained_model_name_or_path and teacher_config (the teacher)")
+        if self.student_model_name_or_path is not None and self.student_config is not None:
+            raise ConfigError("set only one of student_model_name_or_path and student_config (the student)")
+        if self.lambda_sd == 0 and (self.kd_loss == "none" or self.lambda_kd_output == 0) and self.lambda_kd_feat == 0:
+            raise ConfigError("every loss weight is zero: set lambda_sd, lambda_kd_output (with kd_loss != none) "
+                              "or lambda_kd_feat above 0")
+        if self.kd_loss == "none" and self.lambda_kd_feat == 0:
+            pass  # plain training; a teacher is optional
+        elif self.pretrained_model_name_or_path is None and self.teacher_config is None:
+            raise ConfigError(f"kd_loss={self.kd_loss!r} needs a teacher: set pretrained_model_name_or_path "
+                              "(a model folder) or teacher_config")
+        return self
+
+
+def _plain(value):
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+# --- type handling -------------------------------------------------------------------------
+
+_KINDS: dict | None = None
+
+
+def _field_kinds() -> dict:
+    """``{name: (base, optional)}`` with base one of int, float, str, bool, 'model_config'."""
+    global _KINDS
+    if _KINDS is None:
+        hints = typing.get_type_hints(TrainConfig)
+        kinds = {}
+        for f in dataclasses.fields(TrainConfig):
+            args = set(typing.get_args(hints[f.name])) or {hints[f.name]}
+            optional = type(None) in args
+            args.discard(type(None))
+            base = "model_config" if dict in args else next(iter(args))
+            kinds[f.name] = (base, optional)
+        _KINDS = kinds
+    return _KINDS
+
+
+def _type_name(base) -> str:
+    return {"model_config": "a mapping or a JSON file path"}.get(base, getattr(base, "__name__", str(base)))
+
+
+def _check_type(key: str, value, kind, source: str):
+    base, optional = kind
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{source}: key {key!r} must be {_type_name(base)}, got null")
+    ok = False
+    if base is bool:
+        ok = isinstance(value, bool)
+    elif base is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif base is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif base is str:
+        ok = isinstance(value, str)
+    elif base == "model_config":
+        ok = isinstance(value, (dict, str))
+    if not ok:
+        raise ConfigError(f"{source}: key {key!r} must be {_type_name(base)}{' or null' if optional else ''}, "
+                          f"got {type(value).__name__} {value!r}")
+    return value
+
+
+def _coerce(key: str, value, source: str):
+    """Check one value from a YAML file or a keyword argument; ints are accepted for floats."""
+    base, optional = _field_kinds()[key]
+    # PyYAML reads 1e-4 (no dot) as a string; accept numeric strings for float keys.
+    if base is float and isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    _check_type(key, value, (base, optional), source)
+    if base is float and value is not None:
+        value = float(value)
+    return value
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce_mapping(mapping: dict, source: str) -> dict:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in mapping.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown key {key!r}" + _suggest(str(key), names))
+        out[key] = _coerce(key, value, source)
+    return out
+
+
+def load_yaml(path) -> dict:
+    """Read a flat YAML mapping of config keys; errors name the file and key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys to values, "
+                          f"got {type(data).__name__}")
+    return _coerce_mapping(data, str(path))
+
+
+def build_config(yaml_path=None, overrides: dict | None = None, base: dict | None = None) -> TrainConfig:
+    """defaults < ``base`` (a caller's defaults) < YAML file < ``overrides``; validated."""
+    merged = TrainConfig().to_dict()
+    if base:
+        merged.update(_coerce_mapping(base, "defaults"))
+    if yaml_path is not None:
+        merged.update(load_yaml(yaml_path))
+    if overrides:
+        merged.update(_coerce_mapping(overrides, "command line"))
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    return cfg
+
+
+def load_model_config(value, what: str) -> dict:
+    """A model config given as a dict or a JSON/YAML file path -> dict."""
+    if isinstance(value, dict):
+        return dict(value)
+    path = Path(value)
+    if path.is_dir() and (path / "config.json").is_file():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{what}: {str(value)!r} is neither a mapping nor an existing JSON/YAML file")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - report any parse error with the file name
+        raise ConfigError(f"{what}: cannot parse {str(path)!r}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: {str(path)!r} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+# --- command line ----------------------------------------------------------------------------
+
+_GROUP_TITLES = {
+    "model": "teacher and student models",
+    "data": "data",
+    "schedule": "noise schedule and prediction type",
+    "train": "optimisation",
+    "kd": "distillation (LIFT/PLACE)",
+    "log": "logging, validation and checkpoints",
+}
+
+_TRUE = ("true", "yes", "1", "on")
+_FALSE = ("false", "no", "0", "off")
+_NONE = ("none", "null")
+
+
+def _cli_parser(key: str):
+    base, optional = _field_kinds()[key]
+
+    def parse(text: str):
+        low = text.lower()
+        if optional and low in _NONE:
+            return None
+        if base is bool:
+            if low in _TRUE:
+                return True
+            if low in _FALSE:
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+        if base is int:
+            try:
+                return int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if base is float:
+            try:
+                return float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if base == "model_config":
+            stripped = text.strip()
+            if stripped.startswith("{"):
+                try:
+                    return json.loads(stripped)
+                except json.JSONDecodeError as exc:
+                    raise argparse.ArgumentTypeError(f"invalid JSON: {exc}") from None
+            return text
+        return text
+
+    parse.__name__ = _type_name(base)
+    return parse
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, *, skip=(), defaults: dict | None = None) -> None:
+    """One ``--key`` flag per config field, grouped; values left unset do not override the file."""
+    defaults = dict(defaults or {})
+    groups = {}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        gname = f.metadata["group"]
+        if gname not in groups:
+            groups[gname] = parser.add_argument_group(_GROUP_TITLES[gname])
+        base, optional = _field_kinds()[f.name]
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        text = f.metadata["help"]
+        choices = f.metadata.get("choices")
+        if choices:
+            text += f" Choices: {', '.join(choices)}."
+        text += f" Default: {default!r}." if not isinstance(default, str) else f" Default: {default}."
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_cli_parser(f.name), help=text)
+        if base is bool:
+            kwargs.update(nargs="?", const=True, metavar="{true,false}" + (",none" if optional else ""))
+        elif choices:
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        else:
+            kwargs["metavar"] = f.name.upper()
+        groups[gname].add_argument(f"--{f.name}", **kwargs)
+
+
+def check_unknown_flags(unknown: list[str]) -> None:
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for item in unknown:
+        if item.startswith("--"):
+            key = item[2:].split("=", 1)[0]
+            raise ConfigError(f"unknown option --{key}" + _suggest(key, names))
+    if unknown:
+        raise ConfigError(f"unexpected arguments: {' '.join(unknown)}")
+
+
+def config_help_table() -> str:
+    """Markdown table of every key, its default and help (for docs)."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        text = f.metadata["help"]
+        if f.metadata.get("choices"):
+            text += f" ({' / '.join(f.metadata['choices'])})"
+        lines.append(f"| `{f.name}` | `{default!r}` | {text} |")
+    return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""Teacher and student models: loading, student derivation, and the calling convention.
+
+The training step never calls a model directly: it goes through a :class:`ModelFamily`,
+which knows the model class, how to call it on ``(noisy, timesteps, conditioning)``,
+which blocks carry features for feature KD, and how to derive a smaller student.
+Pixel ``UNet2DModel`` is the one family today; conditional U-Nets, DiTs and latent
+models add a family (and, for latents, an encoder in the data path) without
+touching the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, load_model_config
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_PREFIX = "builtin:"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_MODELS = {"digits": ASSETS / "digits_teacher"}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+_PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+class ModelFamily:
+    """How the trainer builds, calls and shrinks one kind of denoiser."""
+
+    name: str
+    class_names: tuple[str, ...]
+
+    def model_class(self):
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
+        """Denoiser output for ``noisy`` at ``timesteps`` under conditioning ``cond``."""
+        raise NotImplementedError
+
+    def sample_shape(self, config: dict, resolution: int | None = None) -> tuple[int, ...]:
+        """Shape of one sample ``(C, *S)`` the model denoises."""
+        raise NotImplementedError
+
+    def feature_points(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Named submodules whose outputs feature KD can match."""
+        raise NotImplementedError
+
+    def derive_student_config(self, teacher_config: dict, **options) -> dict:
+        raise NotImplementedError
+
+    def check_supported(self, config: dict, what: str) -> None:
+        pass
+
+
+class UNet2DFamily(ModelFamily):
+    """Unconditional pixel-space ``diffusers.UNet2DModel``."""
+
+    name = "unet2d"
+    class_names = ("UNet2DModel",)
+
+    def model_class(self):
+        from diffusers import UNet2DModel
+
+        return UNet2DModel
+
+    def forward(self, model, noisy, timesteps, cond):
+        return model(noisy, timesteps, return_dict=False)[0]
+
+    def sample_shape(self, config, resolution=None):
+        size = resolution or config.get("sample_size") or 32
+        if isinstance(size, (list, tuple)):
+            return (int(config.get("in_channels", 3)), int(size[0]), int(size[1]))
+        return (int(config.get("in_channels", 3)), int(size), int(size))
+
+    def feature_points(self, model):
+        points = {f"down_blocks.{i}": b for i, b in enumerate(model.down_blocks)}
+        if model.mid_block is not None:
+            points["mid_block"] = model.mid_block
+        points.update({f"up_blocks.{i}": b for i, b in enumerate(model.up_blocks)})
+        return points
+
+    def check_supported(self, config, what):
+        if config.get("class_embed_type") is not None or config.get("num_class_embeds") is not None:
+            raise ConfigError(f"{what}: class-conditional UNet2DModel (class_embed_type / num_class_embeds) is "
+                              "not supported by this trainer yet; use an unconditional model")
+        if config.get("in_channels") != config.get("out_channels"):
+            raise ConfigError(f"{what}: in_channels ({config.get('in_channels')}) must equal out_channels "
+                              f"({config.get('out_channels')}) for a denoiser")
+
+    def derive_student_config(self, teacher_config, *, width_mult=0.25, layers_per_block=None,
+                              attention=None, norm_num_groups=None):
+        cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+        widths = [int(c) for c in cfg.get("block_out_channels", (224, 448, 672, 896))]
+        t_groups = int(cfg.get("norm_num_groups", 32))
+        groups = norm_num_groups or t_groups
+        new = []
+        for c in widths:
+            w = max(1, round(c * width_mult))
+            if norm_num_groups is not None:
+                # an explicit group count: round the width to a multiple of it
+                w = max(groups, round(w / groups) * groups)
+            new.append(w)
+        if norm_num_groups is None:
+            # keep the teacher's group count where it divides every width, else the largest that does
+            g = math.gcd(*new)
+            groups = max(d for d in range(1, min(t_groups, g) + 1) if g % d == 0)
+        cfg["block_out_channels"] = new
+        cfg["norm_num_groups"] = groups
+        if cfg.get("attn_norm_num_groups") is not None:
+            cfg["attn_norm_num_groups"] = groups
+        if layers_per_block is not None:
+            cfg["layers_per_block"] = int(layers_per_block)
+        if attention is False:
+            cfg["down_block_types"] = [t.replace("AttnDownBlock2D", "DownBlock2D")
+                                       for t in cfg.get("down_block_types", ())]
+            cfg["up_block_types"] = [t.replace("AttnUpBlock2D", "UpBlock2D") for t in cfg.get("up_block_types", ())]
+            cfg["add_attention"] = False
+        head = cfg.get("attention_head_dim", 8)
+        attn_widths = [c for c, t in zip(new, cfg.get("down_block_types", ())) if "Attn" in t]
+        attn_widths += [c for c, t in zip(reversed(new), cfg.get("up_block_types", ())) if "Attn" in t]
+        if cfg.get("add_attention", True):
+            attn_widths.append(new[-1])
+        if head and any(c % head for c in attn_widths):
+            raise ConfigError(f"derived student widths {new} are not multiples of attention_head_dim={head}; "
+                              "pick another student_width_mult or set student_attention: false")
+        return cfg
+
+
+FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily()}
+
+
+def get_family(name: str) -> ModelFamily:
+    if name not in FAMILIES:
+        raise ConfigError(f"model_type {name!r} is not known; available: {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+# --- locating and loading ----------------------------------------------------------------------
+
+def resolve_model_dir(path) -> Path:
+    """A folder holding ``config.json`` + weights: the path itself, its ``unet/`` (a pipeline
+    folder), its ``student/`` or ``teacher/`` (a training output) or a ``builtin:NAME`` asset."""
+    text = str(path)
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_MODELS:
+            raise ConfigError(f"unknown built-in model {text!r}; available: "
+                              + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS))
+        p = BUILTIN_MODELS[name]
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"the built-in model {text!r} is missing from this installation ({p}); "
+                              "train it with `liftplace train-teacher` (see README)")
+        return p
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"model folder {text!r} does not exist (only local folders are supported; "
+                          "nothing is downloaded)")
+    for cand in (p, p / "unet", p / "student", p / "teacher"):
+        if (cand / "config.json").is_file() and any((cand / w).is_file() for w in WEIGHT_FILES):
+            return cand
+    raise ConfigError(f"{text!r} is not a diffusers model folder: expected config.json and "
+                      f"{WEIGHT_FILES[0]} in it (or in its unet/ subfolder)")
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read {Path(model_dir) / 'config.json'}: {exc}") from exc
+
+
+def family_for_config(config: dict, default: str) -> ModelFamily:
+    cls = config.get("_class_name")
+    if cls is None:
+        return get_family(default)
+    for fam in FAMILIES.values():
+        if cls in fam.class_names:
+            return fam
+    raise ConfigError(f"model class {cls!r} is not supported; supported: "
+                      + ", ".join(c for f in FAMILIES.values() for c in f.class_names))
+
+
+def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -> nn.Module:
+    model_dir = resolve_model_dir(path)
+    cfg = read_config(model_dir)
+    family.check_supported(cfg, what)
+    cls = family.model_class()
+    try:
+        model = cls.from_pretrained(str(model_dir), torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 - name the folder whatever diffusers raised
+        raise ConfigError(f"{what}: cannot load the model in {str(model_dir)!r}: {exc}") from exc
+    return model
+
+
+def build_from_config(config: dict, family: ModelFamily, what: str, seed: int | None = None) -> nn.Module:
+    family.check_supported(config, what)
+    cls = family.model_class()
+    clean = {k: v for k, v in config.items() if k not in _PRIVATE_KEYS}
+    try:
+        if seed is None:
+            return cls.from_config(clean)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls.from_config(clean)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"{what}: cannot build {cls.__name__} from the config: {exc}") from exc
+
+
+def model_config_dict(model: nn.Module) -> dict:
+    return {k: _jsonable(v) for k, v in dict(model.config).items() if k not in _PRIVATE_KEYS}
+
+
+def _jsonable(v):
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, list):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def parameter_count_of_config(config: dict, family: ModelFamily) -> int:
+    with torch.device("meta"):
+        model = build_from_config(config, family, "model config")
+    return count_parameters(model)
+
+
+def derive_student_config(teacher_config: dict, *, model_type: str = "unet2d", width_mult: float = 0.25,
+                          layers_per_block: int | None = None, attention: bool | None = None,
+                          norm_num_groups: int | None = None, verbose: bool = True) -> dict:
+    """Student config from the teacher's: widths x ``width_mult``, optional layers per block,
+    attention on/off. Prints (and logs) both parameter counts and the compression ratio."""
+    family = get_family(model_type)
+    cfg = family.derive_student_config(teacher_config, width_mult=width_mult, layers_per_block=layers_per_block,
+                                       attention=attention, norm_num_groups=norm_num_groups)
+    if verbose:
+        t = parameter_count_of_config(teacher_config, family)
+        s = parameter_count_of_config(cfg, family)
+        print(compression_summary(t, s))
+    return cfg
+
+
+def compression_summary(teacher_params: int, student_params: int) -> str:
+    ratio = student_params / teacher_params
+    return (f"teacher {teacher_params:,} parameters; student {student_params:,} parameters; "
+            f"compression (student/teacher) {ratio:.4f} = {100 * ratio:.2f} % ({1 / ratio:.1f}x smaller)")
+
+
+def scheduler_config_near(model_dir: Path) -> Path | None:
+    """``scheduler_config.json`` beside the model, in its parent, or in a pipeline's scheduler/."""
+    model_dir = Path(model_dir)
+    for cand in (model_dir / "scheduler_config.json", model_dir.parent / "scheduler_config.json",
+                 model_dir.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return cand
+    return None
+
+
+# --- feature distillation ---------------------------------------------------------------------
+
+class FeatureTaps:
+    """Forward hooks that keep the latest output of named blocks (feature KD)."""
+
+    def __init__(self, points: dict[str, nn.Module]):
+        self.outputs: dict[str, Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in points.items()]
+
+    def _hook(self, name):
+        def hook(module, args, output):
+            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    def pop(self) -> dict[str, Tensor]:
+        out, self.outputs = self.outputs, {}
+        return out
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.Module, spec: str):
+    t_points, s_points = family.feature_points(teacher), family.feature_points(student)
+    names = list(t_points) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    for n in names:
+        for role, pts in (("teacher", t_points), ("student", s_points)):
+            if n not in pts:
+                raise ConfigError(f"kd_feat_layers: {n!r} is not a block of the {role}; available: "
+                                  + ", ".join(pts))
+    return {n: t_points[n] for n in names}, {n: s_points[n] for n in names}
+
+
+def block_channels(module: nn.Module) -> int:
+    """Output channels of a U-Net block (from its last resnet, or its upsampler/downsampler)."""
+    resnets = getattr(module, "resnets", None)
+    if resnets:
+        return resnets[-1].out_channels
+    raise ConfigError(f"cannot tell the output width of block {type(module).__name__}")
+
+
+class FeatureAdapters(nn.Module):
+    """FitNet 1x1 conv adapters: student block features -> teacher width (identity when equal)."""
+
+    def __init__(self, pairs: dict[str, tuple[int, int]]):
+        super().__init__()
+        self.names = list(pairs)
+        self.adapters = nn.ModuleDict({
+            n.replace(".", "_"): (nn.Conv2d(s, t, kernel_size=1) if s != t else nn.Identity())
+            for n, (s, t) in pairs.items()
+        })
+
+    def forward(self, name: str, x: Tensor) -> Tensor:
+        return self.adapters[name.replace(".", "_")](x)

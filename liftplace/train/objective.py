@@ -1,0 +1,190 @@
+"""The training objective (METHOD.md §7) for one micro-batch.
+
+    L = lambda_sd * L_diffusion(student) + lambda_kd_output * KD(student_out, teacher_out)
+        + lambda_kd_feat * L_feat
+
+:class:`NoiseObjective` turns clean samples into ``(noisy, timesteps, target)``;
+:class:`DistillationLoss` runs both models through their :class:`ModelFamily` and
+returns the total loss plus detached terms for logging. Neither assumes pixels or a
+U-Net: latent models encode before the objective, conditional ones pass ``cond``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..loss import lift_place_loss
+from .config import TrainConfig
+from .models import FeatureAdapters, FeatureTaps, ModelFamily
+
+STAT_KEYS = ("coarse", "fine", "weight", "coarse_weight", "slope_mean", "intercept_mean", "slope_absdev",
+             "intercept_absdev")
+
+
+def make_noise_scheduler(cfg: TrainConfig):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=cfg.ddpm_num_steps, beta_schedule=cfg.ddpm_beta_schedule,
+                         prediction_type=cfg.prediction_type)
+
+
+class NoiseObjective:
+    """DDPM forward process with an epsilon, v or sample target (diffusers' DDPMScheduler)."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.prediction_type = scheduler.config.prediction_type
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
+    def prepare(self, clean: Tensor, generator: torch.Generator):
+        """``(noisy, timesteps, target)``; noise and timesteps drawn from ``generator`` only."""
+        noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=torch.float32)
+        timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=generator,
+                                  device=generator.device)
+        noise, timesteps = noise.to(clean.device), timesteps.to(clean.device)
+        clean = clean.float()
+        noisy = self.scheduler.add_noise(clean, noise, timesteps)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(clean, noise, timesteps)
+        else:
+            target = clean
+        return noisy, timesteps, target
+
+
+def reduce_squared_error(x: Tensor, y: Tensor, reduction: str) -> Tensor:
+    """Squared error summed over all but the batch dim and averaged over the batch ("sum"),
+    or averaged over every element ("mean") — the same reductions as the KD loss."""
+    sq = (x.float() - y.float()).square()
+    return sq.sum() / x.shape[0] if reduction == "sum" else sq.mean()
+
+
+@dataclass
+class StepTerms:
+    loss: Tensor  # total, differentiable
+    terms: dict[str, Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+class TeacherOutputCache:
+    """Teacher outputs keyed by micro-batch number, verified against a digest of the input.
+
+    Runs that share seed, data and schedule feed the teacher bitwise-identical inputs, so
+    a second run can reuse the first run's teacher outputs (the demo distils three
+    students this way). A lookup whose input digest differs recomputes, so reuse can
+    never change a result. Holds everything in memory: size it to the run.
+    """
+
+    def __init__(self):
+        self.entries: dict[int, tuple[bytes, Tensor]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def digest(noisy: Tensor, timesteps: Tensor) -> bytes:
+        import hashlib
+
+        h = hashlib.blake2b(digest_size=16)
+        h.update(noisy.detach().float().cpu().contiguous().numpy().tobytes())
+        h.update(timesteps.detach().cpu().numpy().tobytes())
+        return h.digest()
+
+    def get(self, key: int, digest: bytes) -> Tensor | None:
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] == digest:
+            self.hits += 1
+            return hit[1]
+        self.misses += 1
+        return None
+
+    def put(self, key: int, digest: bytes, output: Tensor) -> None:
+        self.entries[key] = (digest, output.detach())
+
+
+class DistillationLoss:
+    """Runs teacher (frozen) and student on the same noisy input and combines the losses."""
+
+    def __init__(self, cfg: TrainConfig, family: ModelFamily, objective: NoiseObjective, student: nn.Module,
+                 teacher: nn.Module | None, *, feature_taps: tuple[FeatureTaps, FeatureTaps] | None = None,
+                 adapters: FeatureAdapters | None = None, teacher_cache: TeacherOutputCache | None = None):
+        self.cfg = cfg
+        self.teacher_cache = teacher_cache
+        self.family = family
+        self.objective = objective
+        self.student = student
+        self.teacher = teacher
+        self.taps = feature_taps
+        self.adapters = adapters
+        self.uses_teacher = teacher is not None and (cfg.kd_loss != "none" or cfg.lambda_kd_feat > 0)
+        self.teacher_dtype = next(teacher.parameters()).dtype if teacher is not None else None
+
+    def kd_options(self) -> dict:
+        c = self.cfg
+        return dict(group_size=c.group_size, grouping=c.grouping, norm=c.kd_norm, reduction=c.kd_reduction,
+                    weight=c.kd_weight, parts=c.kd_parts, coarse_weight=c.kd_coarse_weight, eps=c.kd_eps)
+
+    def teacher_output(self, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
+        with torch.no_grad():
+            out = self.family.forward(self.teacher, noisy.to(self.teacher_dtype), timesteps, cond)
+        return out.float()
+
+    def __call__(self, clean: Tensor, cond: dict, generator: torch.Generator, step: int,
+                 *, with_stats: bool = False, autocast=None, cache_key: int | None = None) -> StepTerms:
+        c = self.cfg
+        autocast = autocast or contextlib.nullcontext
+        noisy, timesteps, target = self.objective.prepare(clean, generator)
+        terms: dict[str, Tensor] = {}
+        y = None
+        t_feats = None
+        if self.uses_teacher:
+            cache = self.teacher_cache if (cache_key is not None and not self.taps) else None
+            digest = cache.digest(noisy, timesteps) if cache is not None else None
+            y = cache.get(cache_key, digest) if cache is not None else None
+            if y is None:
+                with autocast():
+                    y = self.teacher_output(noisy, timesteps, cond)
+                if cache is not None:
+                    cache.put(cache_key, digest, y)
+            t_feats = self.taps[0].pop() if self.taps else None
+        with autocast():
+            x = self.family.forward(self.student, noisy, timesteps, cond)
+        x = x.float()  # losses in fp32 whatever the autocast dtype
+        s_feats = self.taps[1].pop() if self.taps else None
+
+        sd = reduce_squared_error(x, target, c.kd_reduction)
+        total = c.lambda_sd * sd if c.lambda_sd else sd.new_zeros(())
+        terms["sd_loss"] = sd.detach()
+
+        if y is not None and c.kd_loss != "none":
+            if c.kd_loss == "output":
+                kd = reduce_squared_error(x, y, c.kd_reduction)
+                stats = None
+                if with_stats:  # the fit of the teacher on the student, for comparison only
+                    with torch.no_grad():
+                        _, stats = lift_place_loss(x.detach(), y, step=step, total_steps=c.max_train_steps,
+                                                   return_stats=True, **self.kd_options())
+            else:
+                kd, stats = lift_place_loss(x, y, step=step, total_steps=c.max_train_steps, return_stats=True,
+                                            **self.kd_options())
+            total = total + c.lambda_kd_output * kd
+            terms["kd_loss"] = kd.detach()
+            if stats is not None:
+                for k in STAT_KEYS:
+                    terms[f"kd_{k}"] = stats[k]
+            terms["output_mse"] = (x.detach() - y).square().mean()
+
+        if c.lambda_kd_feat > 0 and t_feats is not None:
+            feat = x.new_zeros(())
+            for name, ft in t_feats.items():
+                fs = self.adapters(name, s_feats[name].float())
+                feat = feat + reduce_squared_error(fs, ft.float(), c.kd_reduction)
+            total = total + c.lambda_kd_feat * feat
+            terms["feat_loss"] = feat.detach()
+        terms["loss"] = total.detach()
+        return StepTerms(loss=total, terms=terms)

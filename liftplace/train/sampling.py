@@ -1,0 +1,124 @@
+"""DDIM sampling with per-image seeds, image writing, and loading a model to sample from.
+
+Image ``i`` starts from noise drawn by its own generator seeded ``seed + i`` (and, for
+``eta > 0``, takes its step noise from that generator too), so every image depends on
+its seed only, not on the batch size or on how many images are drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .models import (ModelFamily, family_for_config, load_pretrained, read_config, resolve_model_dir,
+                     scheduler_config_near)
+
+
+def ddim_scheduler_from(noise_scheduler_config: dict):
+    from diffusers import DDIMScheduler
+
+    cfg = {k: v for k, v in dict(noise_scheduler_config).items() if not k.startswith("_")}
+    return DDIMScheduler.from_config(cfg)
+
+
+@torch.no_grad()
+def ddim_sample(family: ModelFamily, model: nn.Module, scheduler, num_images: int, sample_shape, *, seed: int = 0,
+                num_inference_steps: int = 50, eta: float = 0.0, batch_size: int = 64, device=None,
+                progress: bool = False) -> Tensor:
+    """``num_images`` samples ``[N, *sample_shape]`` (float32, CPU), clamped to [-1, 1]."""
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    p = next(model.parameters())
+    device = torch.device(device) if device is not None else p.device
+    was_training = model.training
+    model.eval()
+    scheduler.set_timesteps(num_inference_steps)
+    out = []
+    starts = range(0, num_images, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="sampling", unit="batch")
+    try:
+        for start in starts:
+            ids = range(start, min(num_images, start + batch_size))
+            gens = [torch.Generator().manual_seed(seed + i) for i in ids]
+            x = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in gens]).to(device)
+            x = x * scheduler.init_noise_sigma
+            for t in scheduler.timesteps:
+                model_in = scheduler.scale_model_input(x, t)
+                tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
+                eps = family.forward(model, model_in.to(p.dtype), tt, {}).float()
+                noise = None
+                if eta > 0:
+                    noise = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in gens]).to(device)
+                x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+            out.append(x.clamp(-1, 1).float().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] float ``[N, C, H, W]`` -> uint8 ``[N, H, W, C]``."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _pil(arr: Tensor):
+    from PIL import Image
+
+    a = arr.numpy()
+    return Image.fromarray(a[..., 0]) if a.shape[-1] == 1 else Image.fromarray(a)
+
+
+def save_grid(images: Tensor, path, nrow: int | None = None) -> Path:
+    """One PNG grid of ``images`` in [-1, 1] (tiles upscaled for viewing); see ``liftplace.plots``."""
+    from ..plots import save_image_grid
+
+    return save_image_grid(images, path, nrow=nrow)
+
+
+def save_images(images: Tensor, folder, *, first_index: int = 0) -> list[Path]:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8(images)):
+        p = folder / f"{first_index + i:06d}.png"
+        _pil(arr).save(p)
+        paths.append(p)
+    return paths
+
+
+def load_for_sampling(path, *, prefer_ema: bool = True, default_family: str = "unet2d"):
+    """``(family, model, noise_scheduler_config, source_dir)`` from an exported model folder,
+    a pipeline folder, a training output folder, a ``checkpoint-<step>`` folder (its
+    ``student_ema``, else ``student``) or ``builtin:NAME``."""
+    p = Path(str(path))
+    if not str(path).startswith("builtin:") and p.is_dir() and (p / "trainer_state.json").is_file():
+        from .checkpoint import read_verified_state
+
+        read_verified_state(p)
+        sub = p / "student_ema" if prefer_ema and (p / "student_ema").is_dir() else p / "student"
+        model_dir = sub
+    else:
+        model_dir = resolve_model_dir(path)
+    cfg = read_config(model_dir)
+    family = family_for_config(cfg, default_family)
+    model = load_pretrained(model_dir, family, f"model {str(path)!r}")
+    sched_path = scheduler_config_near(model_dir)
+    if sched_path is None:
+        from diffusers import DDPMScheduler
+
+        sched_cfg = dict(DDPMScheduler().config)
+        import warnings
+
+        warnings.warn(f"no scheduler_config.json next to {model_dir}; using DDPMScheduler defaults "
+                      "(1000 linear steps, epsilon prediction)", stacklevel=2)
+    else:
+        sched_cfg = json.loads(sched_path.read_text())
+    return family, model, sched_cfg, model_dir
