@@ -228,3 +228,27 @@ def test_reductions_differ_by_constant():
     s = liftplace.lift_place_loss(x, y, reduction="sum", weight="constant")
     m = liftplace.lift_place_loss(x, y, reduction="mean", weight="constant")
     torch.testing.assert_close(s, m * 3 * 64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grouping", GROUPINGS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_coarse_anneal_at_the_ends_of_the_schedule(device, grouping, reduction):
+    # w = 0: both settings are the coarse term alone; w = 1: annealing leaves the fine term
+    # alone while the paper's loss keeps coarse + fine.
+    x, y = make_pair((2, 3, 8, 8), torch.float32, device, seed=13)
+    opts = dict(grouping=grouping, reduction=reduction, weight="linear", total_steps=10)
+    for name in backends(device):
+        with backend(name):
+            def loss(**kw):
+                return liftplace.lift_place_loss(x, y, **opts, **kw)
+
+            assert torch.equal(loss(step=0, coarse_weight="anneal"), loss(step=0, coarse_weight="constant"))
+            assert torch.equal(loss(step=0, coarse_weight="anneal"), loss(step=0, parts="coarse"))
+            assert torch.equal(loss(step=10, coarse_weight="anneal"), loss(step=10, parts="fine"))
+            both = loss(step=10, coarse_weight="constant")
+            torch.testing.assert_close(both, loss(step=10, parts="coarse") + loss(step=10, parts="fine"))
+            g_anneal = torch.autograd.grad(loss(step=10, coarse_weight="anneal"), [x, y])
+            g_fine = torch.autograd.grad(loss(step=10, parts="fine"), [x, y])
+            for a, b in zip(g_anneal, g_fine):
+                assert torch.equal(a, b)
