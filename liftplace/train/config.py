@@ -124,8 +124,13 @@ class TrainConfig:
     kd_norm: str = _f("l1", "Coarse penalty on (a - 1, b).", "kd", choices=("l1", "l2"))
     kd_reduction: str = _f("sum", "Reduction of every loss term: sum (over C,H,W; mean over batch) or "
                            "mean.", "kd", choices=("sum", "mean"))
-    kd_weight: str = _f("adaptive", "Fine-term weight schedule.", "kd",
-                        choices=("adaptive", "constant", "linear", "cosine"))
+    kd_weight: str = _f("adaptive", "Fine-term weight schedule (adaptive-timestep: one adaptive weight per "
+                        "timestep bucket, METHOD.md §8).", "kd",
+                        choices=("adaptive", "adaptive-timestep", "constant", "linear", "cosine"))
+    kd_num_buckets: int = _f(10, "Timestep buckets for kd_weight=adaptive-timestep and the per-bucket "
+                             "statistics in metrics.jsonl.", "kd")
+    kd_bucket_ema: float = _f(0.9, "EMA of each bucket's mean |a-1|+|b| across steps (adaptive-timestep); "
+                              "0 uses the batch alone.", "kd")
     kd_parts: str = _f("both", "Which LIFT/PLACE terms: both, coarse or fine.", "kd",
                        choices=("both", "coarse", "fine"))
     kd_coarse_weight: str = _f("constant", "constant (the paper) or anneal: (1 - w)*coarse + w*fine "

@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..loss import lift_place_loss
+from ..loss import LiftPlaceLoss, lift_place_loss
 from .config import TrainConfig
 from .models import FeatureAdapters, FeatureTaps, ModelFamily
 
 STAT_KEYS = ("coarse", "fine", "weight", "coarse_weight", "slope_mean", "intercept_mean", "slope_absdev",
              "intercept_absdev")
+# Per-timestep-bucket statistics ([K] tensors), logged as one scalar per bucket:
+# kd_bucket_weight_0 ... kd_bucket_weight_{K-1}.
+BUCKET_KEYS = ("bucket_weight", "bucket_slope_absdev", "bucket_intercept_absdev", "bucket_count")
 
 
 def make_noise_scheduler(cfg: TrainConfig):
@@ -123,6 +126,17 @@ class DistillationLoss:
         self.adapters = adapters
         self.uses_teacher = teacher is not None and (cfg.kd_loss != "none" or cfg.lambda_kd_feat > 0)
         self.teacher_dtype = next(teacher.parameters()).dtype if teacher is not None else None
+        # The LIFT/PLACE loss as a module: with kd_weight="adaptive-timestep" it keeps the
+        # per-bucket EMA in buffers, which checkpoints save (state_dict / load_state_dict).
+        self.kd_module = LiftPlaceLoss(**self.kd_options(), total_steps=cfg.max_train_steps, return_stats=True,
+                                       num_buckets=cfg.kd_num_buckets, t_max=objective.num_train_timesteps,
+                                       bucket_ema=cfg.kd_bucket_ema or None)
+
+    def state_dict(self) -> dict:
+        return self.kd_module.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.kd_module.load_state_dict(state)
 
     def kd_options(self) -> dict:
         c = self.cfg
@@ -168,15 +182,20 @@ class DistillationLoss:
                 if with_stats:  # the fit of the teacher on the student, for comparison only
                     with torch.no_grad():
                         _, stats = lift_place_loss(x.detach(), y, step=step, total_steps=c.max_train_steps,
-                                                   return_stats=True, **self.kd_options())
+                                                   return_stats=True, timesteps=timesteps,
+                                                   num_buckets=c.kd_num_buckets,
+                                                   t_max=self.objective.num_train_timesteps, **self.kd_options())
             else:
-                kd, stats = lift_place_loss(x, y, step=step, total_steps=c.max_train_steps, return_stats=True,
-                                            **self.kd_options())
+                self.kd_module.to(x.device)
+                kd, stats = self.kd_module(x, y, step=step, timesteps=timesteps)
             total = total + c.lambda_kd_output * kd
             terms["kd_loss"] = kd.detach()
             if stats is not None:
                 for k in STAT_KEYS:
                     terms[f"kd_{k}"] = stats[k]
+                for k in BUCKET_KEYS:
+                    for i, v in enumerate(stats.get(k, ())):
+                        terms[f"kd_{k}_{i}"] = v
             terms["output_mse"] = (x.detach() - y).square().mean()
 
         if c.lambda_kd_feat > 0 and t_feats is not None:

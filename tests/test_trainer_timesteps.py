@@ -1,0 +1,44 @@
+"""kd_weight="adaptive-timestep" in the trainer: per-bucket weights reach the loss and the logs."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from liftplace.train import Trainer, build_config  # noqa: E402
+
+TEACHER = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+               down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+               norm_num_groups=4)
+
+
+def make_config(out, **kw):
+    base = dict(output_dir=str(out), teacher_config=TEACHER, dataset_name="synthetic", train_batch_size=8,
+                max_train_steps=3, logging_steps=1, checkpointing_steps=100, validation_steps=0,
+                student_width_mult=0.5, report_to="none", progress_bar=False, learning_rate=1e-3,
+                kd_num_buckets=4, ddpm_num_steps=100)
+    base.update(kw)
+    return build_config(None, base)
+
+
+def test_adaptive_timestep_trains_and_logs_buckets(tmp_path):
+    tr = Trainer(make_config(tmp_path, kd_weight="adaptive-timestep", kd_bucket_ema=0.5)).setup()
+    tr.train()
+    records = [json.loads(line) for line in (Path(tmp_path) / "metrics.jsonl").read_text().splitlines()]
+    last = records[-1]
+    weights = [last[f"kd_bucket_weight_{k}"] for k in range(4)]
+    counts = [last[f"kd_bucket_count_{k}"] for k in range(4)]
+    assert sum(counts) == 8
+    assert all(0.0 <= w <= 1.0 for w in weights)
+    # The EMA lives in the loss module's buffers and has seen the sampled buckets.
+    module = tr.loss_fn.kd_module
+    assert module.bucket_seen.any() and set(module.state_dict()) >= {"bucket_absdev", "bucket_seen"}
+
+
+def test_other_weights_still_log_bucket_statistics(tmp_path):
+    tr = Trainer(make_config(tmp_path, kd_weight="adaptive")).setup()
+    tr.train()
+    last = json.loads((Path(tmp_path) / "metrics.jsonl").read_text().splitlines()[-1])
+    assert "kd_bucket_slope_absdev_0" in last and "kd_weight" in last
