@@ -231,3 +231,25 @@ def plot_heatmap(
     path = _prepare_path(path)
     fig.savefig(path)
     return path
+
+
+def plot_bucket_heatmaps(metrics, out_dir, *, prefix: str = "buckets") -> list[Path]:
+    """Heat-maps (timestep bucket x training step) of the per-bucket adaptive weight ``w_k``
+    and mean ``|a - 1|`` from a run's metrics.jsonl (keys ``kd_bucket_weight_k``,
+    ``kd_bucket_slope_absdev_k``). Returns the PNG paths written (none without such keys)."""
+    records = [r for r in _read_metrics(metrics) if "kd_bucket_weight_0" in r]
+    if not records:
+        return []
+    num_buckets = 1 + max(int(k.rsplit("_", 1)[1]) for k in records[0] if k.startswith("kd_bucket_weight_"))
+    steps = [r["step"] for r in records]
+    out = []
+    for key, title in (("weight", "adaptive weight w_k"), ("slope_absdev", "mean |a - 1|")):
+        m = [[_nan_if_none(r.get(f"kd_bucket_{key}_{k}")) for r in records] for k in range(num_buckets)]
+        out.append(plot_heatmap(m, Path(out_dir) / f"{prefix}_{key}.png", xlabel="training step",
+                                ylabel="timestep bucket (low noise at the bottom)", title=title,
+                                xticks=steps, yticks=list(range(num_buckets))))
+    return out
+
+
+def _nan_if_none(v) -> float:
+    return float("nan") if v is None else float(v)

@@ -52,3 +52,13 @@ def test_other_weights_still_log_bucket_statistics(tmp_path):
     tr.train()
     last = json.loads((Path(tmp_path) / "metrics.jsonl").read_text().splitlines()[-1])
     assert "kd_bucket_slope_absdev_0" in last and "kd_weight" in last
+
+
+def test_bucket_heatmaps_from_metrics(tmp_path):
+    from liftplace.plots import plot_bucket_heatmaps
+
+    tr = Trainer(make_config(tmp_path, kd_weight="adaptive-timestep")).setup()
+    tr.train()
+    paths = plot_bucket_heatmaps(tmp_path / "metrics.jsonl", tmp_path)
+    assert [p.name for p in paths] == ["buckets_weight.png", "buckets_slope_absdev.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
