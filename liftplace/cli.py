@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(p)
 
     p = sub.add_parser(
-        "train-teacher", allow_abbrev=False, formatter_class=_formatter, help="train a teacher (plain diffusion training)",
+        "train-teacher", allow_abbrev=False, formatter_class=_formatter,
+        help="train a teacher (plain diffusion training)",
         description=textwrap.dedent("""\
             Train a diffusion model from scratch (or continue from pretrained_model_name_or_path) with
             the plain denoising loss: the recipe of the teacher shipped with liftplace. The architecture

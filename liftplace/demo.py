@@ -14,7 +14,6 @@ import json
 import math
 import platform
 import shlex
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,3 +323,32 @@ def _write_report(out: Path, rows, runs, s: DemoSettings, seed, teacher, t_dir, 
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report
+
+
+def seed_summary(result_files) -> str:
+    """A markdown table of mean ± sample std over several demo runs' ``results.json``
+    (e.g. ``liftplace demo --seed 0/1/2``): Fréchet distance and held-out agreement per model."""
+    import statistics
+
+    runs = [json.loads(Path(f).read_text()) for f in result_files]
+    names = [r["name"] for r in runs[0]["rows"]]
+    cols = (("Fréchet distance ↓", lambda r: r["quality"]["frechet"]),
+            ("held-out output MSE ↓", lambda r: r["agree"].get("output_mse")),
+            ("held-out PLACE loss ↓", lambda r: r["kd"].get("place_loss")))
+
+    def cell(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        if len(values) == 1:
+            return _fmt(values[0])
+        return f"{_fmt(statistics.mean(values))} ± {_fmt(statistics.stdev(values), 2)}"
+
+    seeds = ", ".join(str(r["seed"]) for r in runs)
+    lines = [f"| model (seeds {seeds}) | " + " | ".join(c for c, _ in cols) + " | per seed: Fréchet |",
+             "|---|" + "---|" * (len(cols) + 1)]
+    for name in names:
+        rows = [next(x for x in r["rows"] if x["name"] == name) for r in runs]
+        per_seed = ", ".join(_fmt(x["quality"]["frechet"]) for x in rows)
+        lines.append(f"| {name} | " + " | ".join(cell([f(x) for x in rows]) for _, f in cols) + f" | {per_seed} |")
+    return "\n".join(lines)

@@ -306,3 +306,18 @@ def test_teacher_in_bf16(tmp_path):
     batch = torch.stack([tr.dataset[i]["pixel_values"] for i in range(4)])
     out = tr.loss_fn(batch, {}, torch.Generator().manual_seed(0), 0)
     assert math.isfinite(float(out.loss.detach()))
+
+
+def test_image_folder_dataset_rgb(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        arr = (torch.rand(20, 24, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"{i}.png")
+    rgb = dict(TEACHER, in_channels=3, out_channels=3)
+    res = distill(make_config(tmp_path / "run", teacher_config=rgb, train_data_dir=str(tmp_path / "images"),
+                              random_flip=True, max_train_steps=2))
+    assert res.global_step == 2 and all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))

@@ -222,7 +222,8 @@ def load_safetensors_checked(path: Path, expected: dict, what: str) -> dict:
 
 def compare_model_config(path: Path, saved: dict, current: dict, what: str) -> None:
     keys = sorted(set(saved) | set(current))
-    diffs = [k for k in keys if not k.startswith("_") and k not in _EMA_KEYS and _norm(saved.get(k)) != _norm(current.get(k))]
+    diffs = [k for k in keys
+             if not k.startswith("_") and k not in _EMA_KEYS and _norm(saved.get(k)) != _norm(current.get(k))]
     if diffs:
         k = diffs[0]
         raise CheckpointError(f"{path} does not match the {what}: {k!r} is {saved.get(k)!r} in the checkpoint "

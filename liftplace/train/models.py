@@ -11,16 +11,13 @@ touching the step.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .config import ConfigError, load_model_config
-
-logger = logging.getLogger(__name__)
+from .config import ConfigError
 
 BUILTIN_PREFIX = "builtin:"
 ASSETS = Path(__file__).resolve().parent.parent / "assets"

@@ -316,7 +316,8 @@ class Trainer:
                 if self.ema is not None:
                     self.ema.save_pretrained(tmp / "student_ema")
                 if self.adapters is not None:
-                    sd = {k: v.detach().cpu().contiguous() for k, v in acc.unwrap_model(self.adapters).state_dict().items()}
+                    adapters = acc.unwrap_model(self.adapters)
+                    sd = {k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()}
                     save_file(sd, str(tmp / "adapters.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
