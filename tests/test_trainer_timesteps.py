@@ -62,3 +62,20 @@ def test_bucket_heatmaps_from_metrics(tmp_path):
     paths = plot_bucket_heatmaps(tmp_path / "metrics.jsonl", tmp_path)
     assert [p.name for p in paths] == ["buckets_weight.png", "buckets_slope_absdev.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_resume_continues_the_bucket_ema(tmp_path):
+    from liftplace.train import distill
+
+    kw = dict(max_train_steps=8, checkpointing_steps=4, kd_weight="adaptive-timestep", kd_bucket_ema=0.8)
+    distill(make_config(tmp_path / "straight", **kw))
+    distill(make_config(tmp_path / "resumed", **kw), until_step=6)
+    distill(make_config(tmp_path / "resumed", resume_from_checkpoint="latest", **kw))
+
+    def losses(run):
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return [(r["step"], r["loss"], r["kd_bucket_weight_1"]) for r in map(json.loads, lines)]
+
+    assert len(losses("straight")) == 8
+    assert losses("resumed") == losses("straight")  # bitwise, EMA included
+    assert (tmp_path / "straight" / "checkpoint-8" / "kd_loss.safetensors").is_file()

@@ -321,6 +321,9 @@ class Trainer:
                     save_file(sd, str(tmp / "adapters.safetensors"))
                 torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+                # The KD loss's per-timestep-bucket EMA (adaptive-timestep), so a resume continues it.
+                save_file({k: v.detach().cpu().contiguous() for k, v in self.loss_fn.state_dict().items()},
+                          str(tmp / "kd_loss.safetensors"))
                 torch.save(rng_state(), tmp / "random_states.pt")
                 self.noise_scheduler.save_pretrained(str(tmp))
                 self.cfg.save_yaml(tmp / "config.yaml")
@@ -400,6 +403,10 @@ class Trainer:
         except (ValueError, KeyError, RuntimeError) as exc:
             raise CheckpointError(f"{opt_path} does not match this run's optimizer: {exc}") from exc
         self.lr_scheduler.load_state_dict(load_torch_state(ckpt / "lr_scheduler.pt"))
+        kd_path = ckpt / "kd_loss.safetensors"
+        if kd_path.is_file():
+            expected = self.loss_fn.state_dict()
+            self.loss_fn.load_state_dict(load_safetensors_checked(kd_path, expected, "KD loss state"))
         set_rng_state(load_torch_state(ckpt / "random_states.pt"))
         self.global_step = int(state["global_step"])
         self.bad_steps = int(state.get("bad_steps", 0))
@@ -616,6 +623,11 @@ class Trainer:
         if self.global_step >= cfg.max_train_steps:
             self.validate()
             model_dir = self.export()
+            if acc.is_main_process:
+                from ..plots import plot_bucket_heatmaps
+
+                for path in plot_bucket_heatmaps(self.metrics_path, self.output_dir):
+                    self.log.info(f"saved per-timestep-bucket heat-map {path}")
         return TrainResult(output_dir=self.output_dir, global_step=self.global_step, model_dir=model_dir,
                            metrics_path=self.metrics_path, bad_steps=self.bad_steps,
                            last_checkpoint=self.last_checkpoint, wall_time=time.perf_counter() - t_start,
