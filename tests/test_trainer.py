@@ -17,18 +17,10 @@ from liftplace.train.checkpoint import list_checkpoints, read_verified_state  # 
 from liftplace.train.models import count_parameters, get_family  # noqa: E402
 from liftplace.train.sampling import ddim_sample, ddim_scheduler_from  # noqa: E402
 
-TEACHER = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
-               down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
-               norm_num_groups=4)
+from testing import TINY_UNET as TEACHER  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions run faster on one thread, and far faster when the cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_config(out, **kw):

@@ -149,4 +149,9 @@ def naive_loss(student, teacher, *, group_size=16, grouping="error", norm="l1", 
     return loss.detach(), gx.reshape(student.shape), gy.reshape(teacher.shape)
 
 
+# A tiny diffusers UNet2DModel config for trainer tests (built in memory, nothing downloaded).
+TINY_UNET = dict(sample_size=16, in_channels=1, out_channels=1, block_out_channels=[8, 16], layers_per_block=1,
+                 down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"],
+                 norm_num_groups=4)
+
 requires_ext = pytest.mark.skipif(not EXT_CPU, reason="liftplace C++ extension not built")
