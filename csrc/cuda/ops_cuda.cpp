@@ -53,6 +53,22 @@ void check_sizes(int64_t rows, int64_t n) {
 
 // "error" ranking with a device-wide sort, for rows too long for one block's sort and for
 // float64; leaves each row's order in `order_buf` and returns a pointer into it.
+// The fields FwdArgs and BwdArgs share: inputs and the row / group geometry.
+template <typename Args>
+void set_geometry(Args& args, const at::Tensor& x, const at::Tensor& y, cuda::DType dtype, int64_t R, int64_t N,
+                  int64_t P, int64_t G, Grouping grouping, int64_t width, Norm norm) {
+  args.x = x.data_ptr();
+  args.y = y.data_ptr();
+  args.dtype = dtype;
+  args.rows = R;
+  args.n = static_cast<int>(N);
+  args.group_size = static_cast<int>(P);
+  args.groups = static_cast<int>(G);
+  args.grouping = static_cast<int>(grouping);
+  args.width = static_cast<int>(width);
+  args.norm = static_cast<int>(norm);
+}
+
 const int32_t* device_ranking(const cuda::FwdArgs& args, const at::Tensor& x, at::Tensor& order_buf,
                               cudaStream_t stream) {
   const int64_t total = args.rows * args.n;
@@ -114,16 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lift_plac
   if (R == 0) return {slope, intercept, rows, aux, group_id};
 
   cuda::FwdArgs args{};
-  args.x = x.data_ptr();
-  args.y = y.data_ptr();
-  args.dtype = dtype;
-  args.rows = R;
-  args.n = static_cast<int>(N);
-  args.group_size = static_cast<int>(P);
-  args.groups = static_cast<int>(G);
-  args.grouping = static_cast<int>(grouping);
-  args.width = static_cast<int>(width);
-  args.norm = static_cast<int>(norm);
+  set_geometry(args, x, y, dtype, R, N, P, G, grouping, width, norm);
   args.eps = eps;
   args.order = nullptr;
   args.slope = slope.data_ptr();
@@ -205,16 +212,7 @@ std::tuple<at::Tensor, at::Tensor> lift_place_bwd_cuda(
   if (R == 0 || N == 0) return {grad_x, grad_y};
 
   cuda::BwdArgs args{};
-  args.x = xc.data_ptr();
-  args.y = yc.data_ptr();
-  args.dtype = dtype;
-  args.rows = R;
-  args.n = static_cast<int>(N);
-  args.group_size = static_cast<int>(P);
-  args.groups = static_cast<int>(G);
-  args.grouping = static_cast<int>(grouping);
-  args.width = static_cast<int>(width);
-  args.norm = static_cast<int>(norm);
+  set_geometry(args, xc, yc, dtype, R, N, P, G, grouping, width, norm);
   args.grad_rows = gr.data_ptr();
   args.grad_slope = gs.defined() ? gs.data_ptr() : nullptr;
   args.grad_intercept = gi.defined() ? gi.data_ptr() : nullptr;
