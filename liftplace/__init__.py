@@ -3,6 +3,7 @@
 >>> loss = liftplace.lift_place_loss(student_out, teacher_out.detach())
 """
 
+from ._version import __version__
 from ._ops import backend_info, get_backend, set_backend
 from .loss import LiftPlaceLoss, fit_groups, lift_place_loss
 from .timesteps import bucket_stats
@@ -16,4 +17,4 @@ __all__ = [
     "lift_place_loss",
     "set_backend",
 ]
-__version__ = "0.1.0"
+
