@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 import liftplace
+from liftplace import _ops
 
 CPU_SHAPES = [(64, 3, 32, 32), (16, 4, 64, 64), (8, 3, 256, 256)]
 CUDA_EXTRA_SHAPES = [(64, 4, 128, 128), (32, 16, 32, 32)]
@@ -237,10 +238,10 @@ def kernel_breakdown(configs, device, repeats):
         s, t = make_inputs(shape, device)
         R, N = shape[0] * shape[1], shape[2] * shape[3]
         x, y = s.detach().reshape(R, N), t.reshape(R, N)
-        out = torch.ops.liftplace.lift_place_fwd(x, y, P, grouping, "l1", EPS, 0)
-        grad_rows = torch.ones(R, 7, device=device)
-        fwd = lambda: torch.ops.liftplace.lift_place_fwd(x, y, P, grouping, "l1", EPS, 0)  # noqa: E731
-        bwd = lambda: torch.ops.liftplace.lift_place_bwd(  # noqa: E731
+        out = _ops.lift_place_fwd(x, y, P, grouping, "l1", EPS, 0)
+        grad_rows = torch.ones(R, _ops.ROW_STATS, device=device)
+        fwd = lambda: _ops.lift_place_fwd(x, y, P, grouping, "l1", EPS, 0)  # noqa: E731
+        bwd = lambda: _ops.lift_place_bwd(  # noqa: E731
             grad_rows, None, None, x, y, out[0], out[1], out[3], out[4], P, grouping, "l1", 0, False)
         # Compulsory traffic: fwd reads x, y (+ writes the int32 group id); bwd also reads
         # the group id and writes grad_x.

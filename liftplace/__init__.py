@@ -5,11 +5,12 @@
 
 from ._version import __version__
 from ._ops import backend_info, get_backend, set_backend
-from .loss import LiftPlaceLoss, fit_groups, lift_place_loss
+from .loss import LiftPlaceLoss, LiftPlaceOptions, fit_groups, lift_place_loss
 from .timesteps import bucket_stats
 
 __all__ = [
     "LiftPlaceLoss",
+    "LiftPlaceOptions",
     "backend_info",
     "bucket_stats",
     "fit_groups",

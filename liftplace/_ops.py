@@ -1,36 +1,88 @@
-"""Loading the compiled extension and attaching fake kernels and autograd to its ops.
+"""The op layer: the contract of every liftplace op and the one place that picks kernel or twin.
 
-The schemas live in ``csrc/ops.cpp``; CPU and CUDA kernels register under their
-dispatch keys. This module makes the ops usable under ``torch.compile`` (fake kernels)
-and differentiable (``register_autograd`` over the ``_bwd`` op).
+The schemas live in ``csrc/ops.cpp`` and the output layout in ``csrc/contract.h``; CPU and
+CUDA kernels register under their dispatch keys. This module
+
+* holds the Python side of the layout (row and aux statistic columns, accumulation dtype),
+  which the pure-torch twin (``_reference.py``) imports;
+* loads the extension, warning once (with the reason and the fix) when it cannot;
+* attaches fake kernels (``torch.compile``) and autograd (``register_autograd`` over the
+  ``_bwd`` op) to the ops;
+* exposes one thin function per op (:func:`lift_place_fwd`, :func:`lift_place_bwd`,
+  :func:`bucket_stats`) that runs the kernel where one is compiled for the tensors'
+  device and the twin otherwise. Everything else in liftplace calls these.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
 import torch
+from torch import Tensor
 
-from . import _reference as ref
+from ._version import __version__
+
+# ---------------------------------------------------------------------------------------
+# The layout of the ops' outputs (csrc/contract.h holds the same numbers for C++).
+
+# Columns of the per-row statistics ``rows`` [R, ROW_STATS]; every one is differentiable.
+COARSE = 0          # sum_g n_g * coarse_g
+FINE = 1            # sum_i (a*x_i + b - y_i)^2 with a, b held constant
+SQERR = 2           # sum_i (x_i - y_i)^2
+ABS_SLOPE_DEV = 3   # sum_g |a_g - 1|
+ABS_INTERCEPT = 4   # sum_g |b_g|
+SUM_SLOPE = 5       # sum_g a_g
+SUM_INTERCEPT = 6   # sum_g b_g
+ROW_STATS = 7
+# Columns of ``aux`` [R, G, AUX]: what the backward needs besides slope and intercept.
+MEAN_X, MEAN_Y, DENOM = 0, 1, 2  # DENOM = vx + eps
+AUX = 3
+
+GROUPINGS = ("global", "error", "patch")
+NORMS = ("l1", "l2")
+OPS = ("lift_place_fwd", "lift_place_bwd", "bucket_stats")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation / output dtype of every op: float64 stays float64, the rest use float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def num_groups(n: int, group_size: int, grouping: str) -> int:
+    """Groups per row (METHOD.md §3); for "error" the last group takes the ``n % P`` leftovers."""
+    return 1 if grouping == "global" else n // group_size
+
+
+# ---------------------------------------------------------------------------------------
+# Loading the extension.
+
+from . import _reference as ref  # noqa: E402  (the twin imports the layout above)
 
 _BACKENDS = ("auto", "ext", "torch")
+_FIX = ("build it with `make build` in the source tree, or `pip install --no-build-isolation .`"
+        " (needs a C++17 compiler and torch installed first)")
 
-try:
-    from . import _C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
 
-    _EXT_ERROR: str | None = None
-except ImportError as exc:  # no compiler at install time, or an ABI mismatch
-    _C = None
-    _EXT_ERROR = str(exc)
+def _load_extension():
+    """``(module, None)`` or ``(None, reason)``; never raises."""
+    if importlib.util.find_spec(f"{__package__}._C") is None:
+        where = os.path.dirname(os.path.abspath(__file__))
+        return None, f"no compiled liftplace._C in {where}"
+    try:
+        from . import _C
+    except ImportError as exc:  # an ABI mismatch with the installed torch, a missing library
+        return None, f"liftplace._C failed to load: {exc}"
+    return _C, None
 
+
+_C, _EXT_ERROR = _load_extension()
+HAS_EXT = _C is not None
 try:
     from . import _build_info
 except ImportError:
     _build_info = None
-
-HAS_EXT = _C is not None
-OPS = ("lift_place_fwd", "lift_place_bwd", "bucket_stats")
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
@@ -44,25 +96,25 @@ EXT_KERNELS = frozenset((op, d) for op in OPS for d in ("cpu", "cuda") if _has_k
 EXT_DEVICES = frozenset(d for d in ("cpu", "cuda") if all((op, d) in EXT_KERNELS for op in OPS))
 
 
-def _backend_from_env() -> str:
-    name = os.environ.get("LIFTPLACE_BACKEND", "auto").strip().lower() or "auto"
+def _missing_ext_message() -> str:
+    return (f"LIFTPLACE_BACKEND=ext but the liftplace C++ extension is not importable ({_EXT_ERROR});"
+            f" {_FIX}, or unset LIFTPLACE_BACKEND to use the pure-torch path.")
+
+
+def _check_backend(name, source: str) -> str:
     if name not in _BACKENDS:
-        raise ValueError(f"LIFTPLACE_BACKEND must be one of {_BACKENDS}, got {name!r}")
+        raise ValueError(f"{source} must be one of {_BACKENDS}, got {name!r}")
     if name == "ext" and not HAS_EXT:
         raise ImportError(_missing_ext_message())
     return name
 
 
-def _missing_ext_message() -> str:
-    return (
-        "LIFTPLACE_BACKEND=ext but the liftplace C++ extension is not importable"
-        f" ({_EXT_ERROR}). Build it with `pip install --no-build-isolation .` in the"
-        " source tree (needs a C++17 compiler and torch installed first), or unset"
-        " LIFTPLACE_BACKEND to use the pure-torch path."
-    )
-
-
-_state = {"backend": _backend_from_env()}
+_state = {"backend": _check_backend(os.environ.get("LIFTPLACE_BACKEND", "auto").strip().lower() or "auto",
+                                    "LIFTPLACE_BACKEND")}
+if not HAS_EXT and _state["backend"] == "auto":
+    warnings.warn(f"liftplace is using its slower pure-torch path: {_EXT_ERROR}. To use the kernels, {_FIX}."
+                  " Set LIFTPLACE_BACKEND=torch to choose the pure-torch path without this warning.",
+                  RuntimeWarning, stacklevel=2)
 
 
 def get_backend() -> str:
@@ -71,11 +123,7 @@ def get_backend() -> str:
 
 def set_backend(name: str) -> None:
     """Choose ``"auto"`` (extension where it has a kernel), ``"ext"`` or ``"torch"``."""
-    if name not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {name!r}")
-    if name == "ext" and not HAS_EXT:
-        raise ImportError(_missing_ext_message())
-    _state["backend"] = name
+    _state["backend"] = _check_backend(name, "backend")
 
 
 def use_ext(device: torch.device, op: str = "lift_place_fwd") -> bool:
@@ -94,28 +142,107 @@ def use_ext(device: torch.device, op: str = "lift_place_fwd") -> bool:
     return False
 
 
+# ---------------------------------------------------------------------------------------
+# The ops, kernel or twin.
+
+def lift_place_fwd(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
+                   width: int = 0):
+    """``(slope [R, G], intercept [R, G], rows [R, ROW_STATS], aux [R, G, AUX], group_id)``.
+
+    ``x, y``: ``[R, N]`` contiguous rows of one dtype. ``group_size`` is ``N`` for
+    ``"global"``; ``width`` is ``W`` for ``"patch"``, else 0. ``group_id`` is ``[R, N]``
+    int32 for ``"error"``, else empty. Slope, intercept and rows are differentiable in
+    ``x`` and ``y`` on both paths.
+    """
+    if use_ext(x.device, "lift_place_fwd"):
+        return torch.ops.liftplace.lift_place_fwd(x, y, group_size, grouping, norm, eps, width)
+    return ref.lift_place_fwd(x, y, group_size, grouping, norm, eps, width)
+
+
+def lift_place_bwd(grad_rows: Tensor, grad_slope: Tensor | None, grad_intercept: Tensor | None, x: Tensor,
+                   y: Tensor, slope: Tensor, intercept: Tensor, aux: Tensor, group_id: Tensor, group_size: int,
+                   grouping: str, norm: str, width: int, need_grad_y: bool):
+    """``(grad_x, grad_y)``: the gradients of (slope, intercept, rows) pulled back to x and y
+    through a saved forward (METHOD.md §6). ``grad_y`` is empty unless ``need_grad_y``."""
+    args = (grad_rows, grad_slope, grad_intercept, x, y, slope, intercept, aux, group_id, group_size, grouping,
+            norm, width, need_grad_y)
+    if use_ext(x.device, "lift_place_bwd"):
+        return torch.ops.liftplace.lift_place_bwd(*args)
+    return ref.lift_place_bwd(*args)
+
+
+def bucket_stats(values: Tensor, timesteps: Tensor, num_buckets: int, t_max: float):
+    """``(sums [K, S], counts [K], bucket [B])`` of per-sample statistics ``values [B, S]``
+    per timestep bucket ``k = floor(t·K / t_max)`` clamped to ``[0, K)`` (METHOD.md §8)."""
+    if use_ext(values.device, "bucket_stats"):
+        return torch.ops.liftplace.bucket_stats(values.contiguous(), timesteps.contiguous(), num_buckets, t_max)
+    return ref.bucket_stats(values, timesteps, num_buckets, t_max)
+
+
+# ---------------------------------------------------------------------------------------
+# Fake kernels and autograd for the compiled ops.
+
+def _check_same_device(what: str, *tensors) -> None:
+    devices = {t.device for t in tensors if t is not None}
+    torch._check(len(devices) == 1, lambda: f"liftplace: {what} must all be on one device, got {sorted(map(str, devices))}")
+
+
+def _check_fwd_args(x, y, group_size, grouping, norm, eps) -> None:
+    torch._check(x.dim() == 2 and x.shape == y.shape, lambda: f"liftplace: x and y must be [R, N] and match, got"
+                 f" {list(x.shape)} and {list(y.shape)}")
+    torch._check(x.dtype == y.dtype, lambda: "liftplace: x and y differ in dtype")
+    _check_same_device("x and y", x, y)
+    torch._check(grouping in GROUPINGS, lambda: f"liftplace: grouping must be one of {GROUPINGS}, got {grouping!r}")
+    torch._check(norm in NORMS, lambda: f"liftplace: norm must be one of {NORMS}, got {norm!r}")
+    torch._check(eps > 0, lambda: f"liftplace: eps must be > 0, got {eps}")
+    if grouping != "global":
+        n = x.shape[1]
+        torch._check(2 <= group_size <= n, lambda: f"liftplace: group_size must be in [2, {n}], got {group_size}")
+
+
 if HAS_EXT:
 
     @torch.library.register_fake("liftplace::lift_place_fwd")
     def _fwd_fake(x, y, group_size, grouping, norm, eps, width):
-        torch._check(x.dim() == 2 and x.shape == y.shape, lambda: "x and y must be [R, N] and match")
+        _check_fwd_args(x, y, group_size, grouping, norm, eps)
         R, N = x.shape
-        G = 1 if grouping == "global" else N // group_size
-        acc = ref.acc_dtype(x.dtype)
+        G = num_groups(N, group_size, grouping)
+        acc = acc_dtype(x.dtype)
         slope = x.new_empty(R, G, dtype=acc)
-        rows = x.new_empty(R, ref.ROW_STATS, dtype=acc)
-        aux = x.new_empty(R, G, ref.AUX, dtype=acc)
+        rows = x.new_empty(R, ROW_STATS, dtype=acc)
+        aux = x.new_empty(R, G, AUX, dtype=acc)
         gid = x.new_empty((R, N) if grouping == "error" else (0,), dtype=torch.int32)
         return slope, torch.empty_like(slope), rows, aux, gid
 
     @torch.library.register_fake("liftplace::lift_place_bwd")
     def _bwd_fake(grad_rows, grad_slope, grad_intercept, x, y, slope, intercept, aux, group_id,
                   group_size, grouping, norm, width, need_grad_y):
+        _check_fwd_args(x, y, group_size, grouping, norm, 1.0)
+        _check_same_device("the lift_place_bwd tensors", grad_rows, grad_slope, grad_intercept, x, y, slope,
+                           intercept, aux, group_id)
+        R, N = x.shape
+        G = num_groups(N, group_size, grouping)
+        acc = acc_dtype(x.dtype)
+        for name, t, shape in (("grad_rows", grad_rows, (R, ROW_STATS)), ("grad_slope", grad_slope, (R, G)),
+                               ("grad_intercept", grad_intercept, (R, G)), ("slope", slope, (R, G)),
+                               ("intercept", intercept, (R, G)), ("aux", aux, (R, G, AUX))):
+            if t is not None:
+                torch._check(tuple(t.shape) == shape and t.dtype == acc,
+                             lambda: f"liftplace: {name} must be {list(shape)} {acc}, got {list(t.shape)} {t.dtype}")
+        gid_shape = (R, N) if grouping == "error" else (0,)
+        torch._check(tuple(group_id.shape) == gid_shape and group_id.dtype == torch.int32,
+                     lambda: f"liftplace: group_id must be {list(gid_shape)} int32, got {list(group_id.shape)}")
         return torch.empty_like(x), (torch.empty_like(y) if need_grad_y else y.new_empty(0))
 
     @torch.library.register_fake("liftplace::bucket_stats")
     def _bucket_fake(values, timesteps, num_buckets, t_max):
-        acc = ref.acc_dtype(values.dtype)
+        torch._check(values.dim() == 2, lambda: f"liftplace: values must be [B, S], got {list(values.shape)}")
+        torch._check(timesteps.dim() == 1 and timesteps.shape[0] == values.shape[0],
+                     lambda: f"liftplace: timesteps must be [{values.shape[0]}], got {list(timesteps.shape)}")
+        _check_same_device("values and timesteps", values, timesteps)
+        torch._check(num_buckets >= 1, lambda: f"liftplace: num_buckets must be >= 1, got {num_buckets}")
+        torch._check(t_max > 0, lambda: f"liftplace: t_max must be > 0, got {t_max}")
+        acc = acc_dtype(values.dtype)
         sums = values.new_empty(num_buckets, values.shape[1], dtype=acc)
         counts = values.new_empty(num_buckets, dtype=torch.long)
         return sums, counts, values.new_empty(values.shape[0], dtype=torch.long)
@@ -123,24 +250,31 @@ if HAS_EXT:
     def _fwd_setup_context(ctx, inputs, output):
         x, y, group_size, grouping, norm, eps, width = inputs
         slope, intercept, rows, aux, gid = output
-        ctx.save_for_backward(x, y, slope, intercept, aux, gid)
         ctx.mark_non_differentiable(aux, gid)
         # Unused outputs (aux, group_id, often slope) then cost no zero-filled gradient.
         ctx.set_materialize_grads(False)
-        ctx.args = (group_size, grouping, norm, width)
+        ctx.args = (group_size, grouping, norm, eps, width)
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # nothing to keep for a frozen pair
+            ctx.save_for_backward(x, y, slope, intercept, aux, gid)
 
     def _fwd_backward(ctx, grad_slope, grad_intercept, grad_rows, _grad_aux, _grad_gid):
         x, y, slope, intercept, aux, gid = ctx.saved_tensors
-        group_size, grouping, norm, width = ctx.args
-        if grad_rows is None:
-            grad_rows = slope.new_zeros(x.shape[0], ref.ROW_STATS)
+        group_size, grouping, norm, eps, width = ctx.args
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x, grad_y = torch.ops.liftplace.lift_place_bwd(
-            grad_rows.contiguous(),
-            None if grad_slope is None else grad_slope.contiguous(),
-            None if grad_intercept is None else grad_intercept.contiguous(),
-            x, y, slope, intercept, aux, gid, group_size, grouping, norm, width, need_y,
-        )
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernel's backward has no derivative of its own, so the
+            # twin recomputes the forward over the saved grouping and autograd differentiates it.
+            grad_x, grad_y = _twin_backward(x, y, gid, (grad_slope, grad_intercept, grad_rows),
+                                            group_size, grouping, norm, eps, width, need_x, need_y)
+        else:
+            if grad_rows is None:
+                grad_rows = slope.new_zeros(x.shape[0], ROW_STATS)
+            grad_x, grad_y = torch.ops.liftplace.lift_place_bwd(
+                grad_rows.contiguous(),
+                None if grad_slope is None else grad_slope.contiguous(),
+                None if grad_intercept is None else grad_intercept.contiguous(),
+                x, y, slope, intercept, aux, gid, group_size, grouping, norm, width, need_y,
+            )
         return (grad_x if need_x else None), (grad_y if need_y else None), None, None, None, None, None
 
     torch.library.register_autograd(
@@ -148,10 +282,27 @@ if HAS_EXT:
     )
 
 
+def _twin_backward(x, y, gid, grads, group_size, grouping, norm, eps, width, need_x, need_y):
+    """Differentiable gradients of (slope, intercept, rows) for double backward."""
+    fixed = gid.long() if grouping == "error" else None
+    with torch.enable_grad():
+        xs = x if x.requires_grad else x.detach().requires_grad_(need_x)
+        ys = y if y.requires_grad else y.detach().requires_grad_(need_y)
+        outputs = ref.lift_place_fwd(xs, ys, group_size, grouping, norm, eps, width, gid=fixed)[:3]
+        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        inputs = [t for t, need in ((xs, need_x), (ys, need_y)) if need]
+        found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True)
+    found = [torch.zeros_like(t) if g is None else g for g, t in zip(found, inputs)]
+    grad_x = found.pop(0) if need_x else None
+    grad_y = found.pop(0) if need_y else None
+    return grad_x, grad_y
+
+
 def backend_info() -> dict:
     """What was compiled and what is in use: ``{"cpu_ext", "cuda_ext", "cuda_version", ...}``."""
     info = {
-        "version": _version(),
+        "version": __version__,
         "backend": _state["backend"],
         "cpu_ext": "cpu" in EXT_DEVICES,
         "cuda_ext": "cuda" in EXT_DEVICES,
@@ -169,12 +320,3 @@ def backend_info() -> dict:
             stacklevel=2,
         )
     return info
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("liftplace")
-    except Exception:
-        return "0+unknown"

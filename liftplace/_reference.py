@@ -13,21 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-# Columns of the per-row statistics tensor ``rows`` [R, ROW_STATS] (csrc/liftplace.h: RowStat).
-COARSE, FINE, SQERR, ABS_SLOPE_DEV, ABS_INTERCEPT, SUM_SLOPE, SUM_INTERCEPT = range(7)
-ROW_STATS = 7
-# Columns of ``aux`` [R, G, AUX] (csrc/liftplace.h: AuxStat).
-MEAN_X, MEAN_Y, DENOM = range(3)
-AUX = 3
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype: float64 stays float64, everything else computes in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def num_groups(n: int, group_size: int, grouping: str) -> int:
-    return 1 if grouping == "global" else n // group_size
+# The output layout and the accumulation-dtype rule belong to the op layer.
+from ._ops import (ABS_INTERCEPT, ABS_SLOPE_DEV, COARSE, FINE, SQERR, SUM_INTERCEPT, SUM_SLOPE,  # noqa: F401
+                   ROW_STATS, AUX, DENOM, MEAN_X, MEAN_Y, acc_dtype, num_groups)
 
 
 def group_ids(x: Tensor, y: Tensor, group_size: int, grouping: str, width: int = 0) -> Tensor:
@@ -55,68 +43,87 @@ def _segment_sum(v: Tensor, gid: Tensor, G: int) -> Tensor:
     return torch.zeros(v.shape[0], G, dtype=v.dtype, device=v.device).scatter_add(1, gid, v)
 
 
+def _centre(x: Tensor, y: Tensor):
+    """Rows shifted by their (detached) means: ``(x - cx, y - cy, cx, cy)``.
+
+    Sums then see values of the size of the spread, not of the mean, so float32 keeps its
+    accuracy when ``|mean| ≫ std`` as the kernels' double partials do. The shift is a
+    constant, so gradients are unchanged.
+    """
+    cx = x.detach().mean(1, keepdim=True)
+    cy = y.detach().mean(1, keepdim=True)
+    return x - cx, y - cy, cx, cy
+
+
+def _fit_centred(xc: Tensor, yc: Tensor, cx: Tensor, cy: Tensor, gid: Tensor, G: int, eps: float):
+    """The two-pass fit of centred rows: ``a, b, mxc, myc, d, n`` (means still centred)."""
+    n = _segment_sum(torch.ones_like(xc), gid, G)
+    mxc = _segment_sum(xc, gid, G) / n
+    myc = _segment_sum(yc, gid, G) / n
+    dx = xc - mxc.gather(1, gid)
+    dy = yc - myc.gather(1, gid)
+    d = _segment_sum(dx * dx, gid, G) / n + eps
+    a = _segment_sum(dx * dy, gid, G) / n / d
+    b = (myc - a * mxc) + (cy - a * cx)
+    return a, b, mxc, myc, d, n
+
+
 def fit(x: Tensor, y: Tensor, gid: Tensor, G: int, eps: float):
-    """Per-group least squares ``y ≈ a·x + b`` with a two-pass (centred) variance (§4).
+    """Per-group least squares ``y ≈ a·x + b`` (§4), centred before anything is summed.
 
     Returns ``a, b, mx, my, d, n``, each ``[R, G]``, with ``d = vx + eps``.
     Differentiable in ``x`` and ``y``; ``gid`` is a constant.
     """
-    n = _segment_sum(torch.ones_like(x), gid, G)
-    mx = _segment_sum(x, gid, G) / n
-    my = _segment_sum(y, gid, G) / n
-    dx = x - mx.gather(1, gid)
-    dy = y - my.gather(1, gid)
-    d = _segment_sum(dx * dx, gid, G) / n + eps
-    a = _segment_sum(dx * dy, gid, G) / n / d
-    b = my - a * mx
-    return a, b, mx, my, d, n
+    xc, yc, cx, cy = _centre(x, y)
+    a, b, mxc, myc, d, n = _fit_centred(xc, yc, cx, cy, gid, G, eps)
+    return a, b, mxc + cx, myc + cy, d, n
 
 
-def lift_place_rows(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
-                    width: int = 0, gid: Tensor | None = None):
-    """The readable forward: ``(slope, intercept, rows)``, differentiable through autograd.
+def lift_place_fwd(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
+                   width: int = 0, gid: Tensor | None = None):
+    """Twin of ``liftplace::lift_place_fwd``: ``(slope, intercept, rows, aux, group_id)``.
 
-    ``x, y``: ``[R, N]``. Computes in ``acc_dtype`` (float64 stays float64). ``gid`` may
-    be passed to evaluate a fixed grouping in higher precision (the float64 oracle).
+    ``x, y``: ``[R, N]``. Like the kernels, which sum in double partials, the statistics
+    are computed in float64 from centred rows and returned in ``acc_dtype`` (float32, or
+    float64 for float64 inputs), so the twin is as accurate as the kernels when
+    ``|mean| ≫ std`` and overflows where they do (a square beyond float32's range becomes
+    ``inf`` in ``rows``, never a NaN slope). Slope, intercept and rows are differentiable
+    through autograd. ``gid`` may be passed to evaluate a fixed grouping (the float64
+    oracle, double backward).
     """
     acc = acc_dtype(x.dtype)
-    N = x.shape[1]
-    G = num_groups(N, group_size, grouping)
+    G = num_groups(x.shape[1], group_size, grouping)
     if gid is None:
         gid = group_ids(x, y, group_size, grouping, width)
-    x, y = x.to(acc), y.to(acc)
-    a, b, _, _, _, n = fit(x, y, gid, G, eps)
+    compute = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+    x, y = x.to(compute), y.to(compute)
+    xc, yc, cx, cy = _centre(x, y)
+    a, b, mxc, myc, d, n = _fit_centred(xc, yc, cx, cy, gid, G, eps)
+    # The fine term's residual uses the fitted line with gradients stopped (â, b̂ in §5).
+    per_elem = lambda t: t.detach().gather(1, gid)  # noqa: E731
+    r = per_elem(a) * (xc - per_elem(mxc)) - (yc - per_elem(myc))
     if norm == "l1":
         coarse_g = (a - 1).abs() + b.abs()
     else:
         coarse_g = (a - 1).square() + b.square()
-    # The fine term uses the fitted line with gradients stopped (â, b̂ in §5).
-    residual = a.detach().gather(1, gid) * x + b.detach().gather(1, gid) - y
     rows = torch.stack([
         (n * coarse_g).sum(1),
-        residual.square().sum(1),
+        r.square().sum(1),
         (x - y).square().sum(1),
         (a - 1).abs().sum(1),
         b.abs().sum(1),
         a.sum(1),
         b.sum(1),
     ], dim=1)
-    return a, b, rows
-
-
-def lift_place_fwd(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
-                   width: int = 0):
-    """Twin of ``liftplace::lift_place_fwd``: ``(slope, intercept, rows, aux, group_id)``."""
-    acc = acc_dtype(x.dtype)
-    N = x.shape[1]
-    G = num_groups(N, group_size, grouping)
-    gid = group_ids(x, y, group_size, grouping, width)
-    with torch.no_grad():
-        a, b, rows = lift_place_rows(x, y, group_size, grouping, norm, eps, width, gid)
-        _, _, mx, my, d, _ = fit(x.to(acc), y.to(acc), gid, G, eps)
-    aux = torch.stack([mx, my, d], dim=2)
+    aux = torch.stack([mxc + cx, myc + cy, d], dim=2).detach().to(acc)
     saved_gid = gid.to(torch.int32) if grouping == "error" else gid.new_empty(0, dtype=torch.int32)
-    return a, b, rows, aux, saved_gid
+    return a.to(acc), b.to(acc), rows.to(acc), aux, saved_gid
+
+
+def lift_place_rows(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: str, eps: float,
+                    width: int = 0, gid: Tensor | None = None):
+    """``(slope, intercept, rows)`` of :func:`lift_place_fwd`."""
+    return lift_place_fwd(x, y, group_size, grouping, norm, eps, width, gid)[:3]
 
 
 def lift_place_bwd(grad_rows: Tensor, grad_slope: Tensor | None, grad_intercept: Tensor | None,

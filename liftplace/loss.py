@@ -1,24 +1,107 @@
-"""The public LIFT/PLACE loss: validation, backend choice and the scalar reduction."""
+"""The public LIFT/PLACE loss: options, validation, backend choice and the scalar reduction.
+
+``lift_place_loss`` validates its options once into a frozen :class:`LiftPlaceOptions`,
+checks the tensors, runs the fused forward through the op layer (``_ops``) and reduces the
+per-row statistics in two steps: the fine-term weight (:func:`_fine_weight`) and the
+assembly of the coarse and fine terms (:func:`_assemble`).
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
 from . import _ops
-from . import _reference as ref
-from .timesteps import _bucket_stats, check_timesteps
+from ._ops import (ABS_INTERCEPT, ABS_SLOPE_DEV, COARSE, FINE, GROUPINGS, NORMS, ROW_STATS, SQERR,
+                   SUM_INTERCEPT, SUM_SLOPE, acc_dtype)
+from .timesteps import check_bucket_options, check_timesteps
 
-GROUPINGS = ("global", "error", "patch")
-NORMS = ("l1", "l2")
 REDUCTIONS = ("sum", "mean")
 WEIGHTS = ("adaptive", "adaptive-timestep", "constant", "linear", "cosine")
 PARTS = ("both", "coarse", "fine")
 COARSE_WEIGHTS = ("constant", "anneal")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_DEFAULT_GROUP_SIZE = 16
+
+
+def _choice(name: str, value, allowed) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _is_real(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+@dataclass(frozen=True)
+class LiftPlaceOptions:
+    """The loss's options, validated once (shape-dependent checks happen per call).
+
+    Fields are the keyword arguments of :func:`lift_place_loss` / :class:`LiftPlaceLoss`
+    of the same names. ``num_buckets``/``t_max`` enable timestep bucketing (required by
+    ``weight="adaptive-timestep"``); ``bucket_ema=None`` disables the per-bucket EMA.
+    """
+
+    group_size: int = _DEFAULT_GROUP_SIZE
+    grouping: str = "error"
+    norm: str = "l1"
+    reduction: str = "sum"
+    weight: str = "adaptive"
+    parts: str = "both"
+    coarse_weight: str = "constant"
+    eps: float = 1e-7
+    check_finite: bool = False
+    return_stats: bool = False
+    num_buckets: int | None = None
+    t_max: float | None = None
+    bucket_ema: float | None = 0.9
+
+    def __post_init__(self):
+        _choice("grouping", self.grouping, GROUPINGS)
+        _choice("norm", self.norm, NORMS)
+        _choice("reduction", self.reduction, REDUCTIONS)
+        _choice("weight", self.weight, WEIGHTS)
+        _choice("parts", self.parts, PARTS)
+        _choice("coarse_weight", self.coarse_weight, COARSE_WEIGHTS)
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise TypeError(f"group_size must be an int, got {type(self.group_size).__name__}")
+        if not _is_real(self.eps) or not math.isfinite(self.eps) or not self.eps > 0:
+            raise ValueError(f"eps must be a positive finite float, got {self.eps!r}")
+        for name in ("check_finite", "return_stats"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.num_buckets is not None or self.t_max is not None:
+            check_bucket_options(self.num_buckets, self.t_max)
+        elif self.weight == "adaptive-timestep":
+            raise ValueError('weight="adaptive-timestep" needs num_buckets= and t_max= (and timesteps= per call)')
+        if self.bucket_ema is not None and (not _is_real(self.bucket_ema) or not 0.0 <= self.bucket_ema < 1.0):
+            raise ValueError(f"bucket_ema must be in [0, 1) or None (no smoothing), got {self.bucket_ema!r}")
+
+    @property
+    def buckets(self) -> bool:
+        return self.num_buckets is not None
+
+
+def _check_number(name: str, value) -> None:
+    if value is None:
+        return
+    if not _is_real(value):
+        raise TypeError(f"{name} must be an int or float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _check_progress(weight: str, step, total_steps) -> None:
+    _check_number("step", step)
+    _check_number("total_steps", total_steps)
+    if weight in ("linear", "cosine"):
+        if step is None or total_steps is None:
+            raise ValueError(f"weight={weight!r} needs step= and total_steps= (the training progress)")
+        if total_steps <= 0 or step < 0:
+            raise ValueError(f"need step >= 0 and total_steps > 0, got step={step}, total_steps={total_steps}")
 
 
 @dataclass(frozen=True)
@@ -29,11 +112,6 @@ class _Layout:
     B: int
     C: int
     width: int  # W for patch grouping, else 0
-
-
-def _choice(name: str, value, allowed) -> None:
-    if not isinstance(value, str) or value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
 
 
 def _check_tensors(student, teacher) -> None:
@@ -69,20 +147,18 @@ def _check_tensors(student, teacher) -> None:
         raise ValueError(f"student and teacher are empty (shape {list(student.shape)})")
 
 
-def _layout(shape: torch.Size, group_size: int, grouping: str) -> _Layout:
+def _layout(shape: torch.Size, opts: LiftPlaceOptions) -> _Layout:
     B, C = shape[0], shape[1]
     N = math.prod(shape[2:])
     if N < 2:
         raise ValueError(f"each row needs prod(S) >= 2 elements; shape {list(shape)} gives {N}")
-    width = 0
-    if grouping != "global":
-        if isinstance(group_size, bool) or not isinstance(group_size, int):
-            raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-        if group_size < 2 or group_size > N:
-            raise ValueError(
-                f"group_size must be between 2 and the row length N={N} (prod of dims after"
-                f" [B, C] in {list(shape)}), got {group_size}"
-            )
+    group_size, grouping, width = opts.group_size, opts.grouping, 0
+    # "global" ignores group_size; any value but the default must still be a valid one.
+    if (grouping != "global" or group_size != _DEFAULT_GROUP_SIZE) and not 2 <= group_size <= N:
+        raise ValueError(
+            f"group_size must be between 2 and the row length N={N} (prod of dims after"
+            f" [B, C] in {list(shape)}), got {group_size}"
+        )
     if grouping == "patch":
         if len(shape) != 4:
             raise ValueError(
@@ -101,24 +177,7 @@ def _layout(shape: torch.Size, group_size: int, grouping: str) -> _Layout:
                 f"grouping='patch' with group_size={group_size} tiles {p}x{p}; H={H} and W={width}"
                 f" must both be divisible by {p}"
             )
-    G = 1 if grouping == "global" else N // group_size
-    return _Layout(R=B * C, N=N, G=G, B=B, C=C, width=width)
-
-
-def _check_options(grouping, norm, reduction, weight, parts, coarse_weight, eps, step, total_steps):
-    _choice("grouping", grouping, GROUPINGS)
-    _choice("norm", norm, NORMS)
-    _choice("reduction", reduction, REDUCTIONS)
-    _choice("weight", weight, WEIGHTS)
-    _choice("parts", parts, PARTS)
-    _choice("coarse_weight", coarse_weight, COARSE_WEIGHTS)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}")
-    if weight in ("linear", "cosine"):
-        if step is None or total_steps is None:
-            raise ValueError(f"weight={weight!r} needs step= and total_steps= (the training progress)")
-        if total_steps <= 0 or step < 0:
-            raise ValueError(f"need step >= 0 and total_steps > 0, got step={step}, total_steps={total_steps}")
+    return _Layout(R=B * C, N=N, G=_ops.num_groups(N, group_size, grouping), B=B, C=C, width=width)
 
 
 def _check_finite(student: Tensor, teacher: Tensor) -> None:
@@ -128,27 +187,31 @@ def _check_finite(student: Tensor, teacher: Tensor) -> None:
             raise ValueError(f"{name} holds {bad} non-finite values (NaN or Inf) out of {t.numel()}")
 
 
-def _rows(student: Tensor, teacher: Tensor, lay: _Layout, group_size: int, grouping: str):
+def _check_no_overflow(rows: Tensor, student: Tensor, teacher: Tensor) -> None:
+    """Finite inputs whose squares overflow the accumulation dtype (|x| near 1e19 in float32)."""
+    if not bool(torch.isfinite(rows).all()):  # host sync, by request
+        big = max(student.detach().abs().max().item(), teacher.detach().abs().max().item())
+        raise OverflowError(
+            f"student and teacher are finite but the loss overflows {acc_dtype(student.dtype)} (largest |value|"
+            f" {big:.3g}; squares of values beyond ~1e19 do not fit in float32): rescale the outputs or pass"
+            " float64 tensors")
+
+
+def _fit(student: Tensor, teacher: Tensor, opts: LiftPlaceOptions, lay: _Layout):
+    """The fused forward over ``[R, N]`` rows: ``(slope, intercept, rows)``, differentiable."""
     # [B, C, *S] -> [R, N]; copies only when the input is not already row-contiguous.
     x = student.reshape(lay.R, lay.N).contiguous()
     y = teacher.reshape(lay.R, lay.N).contiguous()
-    return x, y, (group_size if grouping != "global" else lay.N)
-
-
-def _schedule(weight: str, step, total_steps) -> float:
-    if weight == "constant":
-        return 1.0
-    progress = min(1.0, max(0.0, float(step) / float(total_steps)))
-    if weight == "linear":
-        return progress
-    return 0.5 * (1.0 - math.cos(math.pi * progress))
+    P = opts.group_size if opts.grouping != "global" else lay.N
+    slope, intercept, rows, _, _ = _ops.lift_place_fwd(x, y, P, opts.grouping, opts.norm, float(opts.eps), lay.width)
+    return slope, intercept, rows
 
 
 def lift_place_loss(
     student: Tensor,
     teacher: Tensor,
     *,
-    group_size: int = 16,
+    group_size: int = _DEFAULT_GROUP_SIZE,
     grouping: str = "error",
     norm: str = "l1",
     reduction: str = "sum",
@@ -164,14 +227,16 @@ def lift_place_loss(
     num_buckets: int | None = None,
     t_max: float | None = None,
     bucket_state: dict | None = None,
-    bucket_ema: float = 0.9,
+    bucket_ema: float | None = 0.9,
 ):
     """LIFT/PLACE distillation loss between student and teacher outputs (METHOD.md §3–§5).
 
     Args:
         student, teacher: outputs ``[B, C, *S]`` of the same shape, dtype and device.
-            Gradients flow to both when they require grad (the teacher usually does not).
-        group_size: elements per group ``P`` for ``"error"`` / ``"patch"`` grouping.
+            Gradients flow to both when they require grad (the teacher usually does not),
+            to any order (``create_graph=True`` works on every backend).
+        group_size: elements per group ``P`` for ``"error"`` / ``"patch"`` grouping (an int
+            >= 2; unused by ``"global"``).
         grouping: ``"error"`` (PLACE: groups of similar error rank), ``"global"`` (LIFT:
             one fit per row) or ``"patch"`` (``sqrt(P) x sqrt(P)`` spatial tiles).
         norm: coarse penalty on ``(a - 1, b)``: ``"l1"`` or ``"l2"``.
@@ -185,8 +250,10 @@ def lift_place_loss(
         coarse_weight: ``"constant"`` (the paper) or ``"anneal"``: ``(1 - w)·coarse + w·fine``,
             liftplace's own extension.
         eps: added to each group's mean variance of the student output.
-        check_finite: raise a ``ValueError`` on NaN/Inf inputs (costs a host-device sync).
-            Without it a non-finite input gives a NaN loss.
+        step, total_steps: training progress (finite numbers) for ``"linear"`` / ``"cosine"``.
+        check_finite: raise a ``ValueError`` on NaN/Inf inputs and an ``OverflowError`` when
+            finite inputs overflow the statistics (costs a host-device sync). Without it a
+            non-finite input gives a non-finite loss.
         return_stats: also return a dict of detached statistics (no host sync); with
             timesteps, also ``bucket_*`` tensors ``[K]`` (NaN for empty buckets).
         timesteps, num_buckets, t_max: per-sample timesteps ``[B]`` and ``K`` buckets over
@@ -194,32 +261,42 @@ def lift_place_loss(
             (then only the per-bucket statistics are added).
         bucket_state, bucket_ema: a dict of tensors ``{"absdev": [K], "seen": [K] bool}``
             updated in place with an EMA of each bucket's mean ``|a-1| + |b|`` (what
-            :class:`LiftPlaceLoss` keeps as buffers); ``None`` uses the batch alone.
+            :class:`LiftPlaceLoss` keeps as buffers); ``None`` (either) uses the batch alone.
 
     Returns:
         A scalar tensor (float32, or float64 for float64 inputs); with ``return_stats``,
         ``(loss, stats)``.
     """
     _check_tensors(student, teacher)
-    _check_options(grouping, norm, reduction, weight, parts, coarse_weight, eps, step, total_steps)
-    lay = _layout(student.shape, group_size, grouping)
-    buckets = None
-    if weight == "adaptive-timestep" or timesteps is not None:
-        if timesteps is None:
-            raise ValueError('weight="adaptive-timestep" needs timesteps= (one per sample), num_buckets= and t_max=')
-        check_timesteps(timesteps, lay.B, num_buckets, t_max, student.device, sync=check_finite)
-        if not 0.0 <= bucket_ema < 1.0:
-            raise ValueError(f"bucket_ema must be in [0, 1), got {bucket_ema!r}")
-        buckets = (timesteps, num_buckets, float(t_max), bucket_state, float(bucket_ema))
-    if check_finite:
-        _check_finite(student, teacher)
-    x, y, P = _rows(student, teacher, lay, group_size, grouping)
+    if weight == "adaptive-timestep" and timesteps is None:
+        raise ValueError('weight="adaptive-timestep" needs timesteps= (one per sample), num_buckets= and t_max=')
+    if timesteps is not None and num_buckets is None:
+        raise ValueError("timesteps= needs num_buckets= and t_max= (the buckets to sort them into)")
+    opts = LiftPlaceOptions(group_size=group_size, grouping=grouping, norm=norm, reduction=reduction,
+                            weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
+                            check_finite=check_finite, return_stats=return_stats,
+                            num_buckets=num_buckets if timesteps is not None else None,
+                            t_max=t_max if timesteps is not None else None, bucket_ema=bucket_ema)
+    return _loss(student, teacher, opts, step, total_steps, timesteps, bucket_state)
 
-    if _ops.use_ext(x.device):
-        _, _, rows, _, _ = torch.ops.liftplace.lift_place_fwd(x, y, P, grouping, norm, float(eps), lay.width)
-    else:
-        _, _, rows = ref.lift_place_rows(x, y, P, grouping, norm, float(eps), lay.width)
-    return _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_steps, return_stats, buckets)
+
+def _loss(student, teacher, opts: LiftPlaceOptions, step, total_steps, timesteps, bucket_state):
+    _check_progress(opts.weight, step, total_steps)
+    lay = _layout(student.shape, opts)
+    if timesteps is not None:
+        check_timesteps(timesteps, lay.B, opts.t_max, student.device, sync=opts.check_finite)
+    if opts.check_finite:
+        _check_finite(student, teacher)
+    _, _, rows = _fit(student, teacher, opts, lay)
+    if opts.check_finite:
+        _check_no_overflow(rows, student, teacher)
+    buckets = None
+    if timesteps is not None:
+        state = bucket_state if opts.bucket_ema is not None else None
+        buckets = _bucket_weights(rows, lay, timesteps, opts, state)
+    totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
+    w, per_sample_w = _fine_weight(totals, lay, opts, step, total_steps, buckets)
+    return _assemble(totals, lay, opts, w, per_sample_w, buckets)
 
 
 def _all_reduce(t: Tensor) -> Tensor:
@@ -231,82 +308,85 @@ def _all_reduce(t: Tensor) -> Tensor:
     return t
 
 
-def _reduce(rows, lay, reduction, weight, parts, coarse_weight, step, total_steps, return_stats,
-            buckets=None):
-    totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
-    scale = 1.0 / lay.B if reduction == "sum" else 1.0 / (lay.R * lay.N)
-    coarse = totals[ref.COARSE] * scale
-    fine = totals[ref.FINE] * scale
-    groups = lay.R * lay.G
-    slope_absdev = totals[ref.ABS_SLOPE_DEV].detach() / groups
-    intercept_absdev = totals[ref.ABS_INTERCEPT].detach() / groups
-    per_bucket = per_sample = None
-    if buckets is not None:
-        per_sample = rows.view(lay.B, lay.C, ref.ROW_STATS).sum(1)  # [B, ROW_STATS]
-        per_bucket = _bucket_weights(per_sample.detach(), lay, buckets)
-    if weight == "adaptive":
-        absdev = totals[ref.ABS_SLOPE_DEV:ref.ABS_INTERCEPT + 1].detach()
-        absdev = _all_reduce(torch.cat([absdev, absdev.new_full((1,), groups)]))
-        w = 1.0 - ((absdev[0] + absdev[1]) / absdev[2]).clamp(max=1.0)
-    elif weight == "adaptive-timestep":
-        w = per_bucket["sample_weight"].mean()
-    else:
-        w = torch.full_like(coarse, _schedule(weight, step, total_steps)).detach()
-    cw = (1.0 - w) if coarse_weight == "anneal" else torch.ones_like(w)
+def _schedule(weight: str, step, total_steps) -> float:
+    if weight == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, float(step) / float(total_steps)))
+    if weight == "linear":
+        return progress
+    return 0.5 * (1.0 - math.cos(math.pi * progress))
 
-    if weight == "adaptive-timestep":
-        # One weight per sample, from its bucket: w_b·fine_b and, annealed, (1 - w_b)·coarse_b.
-        w_b = per_bucket["sample_weight"]
-        cw_b = (1.0 - w_b) if coarse_weight == "anneal" else torch.ones_like(w_b)
-        coarse_term = (cw_b * per_sample[:, ref.COARSE]).sum() * scale
-        fine_term = (w_b * per_sample[:, ref.FINE]).sum() * scale
-    else:
-        coarse_term, fine_term = cw * coarse, w * fine
-    if parts == "both":
-        loss = coarse_term + fine_term
-    elif parts == "coarse":
+
+def _fine_weight(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, step, total_steps, buckets):
+    """The fine-term weight ``w`` (a detached scalar) and, for adaptive-timestep, one per sample."""
+    if opts.weight == "adaptive":
+        absdev = totals[ABS_SLOPE_DEV:ABS_INTERCEPT + 1].detach()
+        absdev = _all_reduce(torch.cat([absdev, absdev.new_full((1,), lay.R * lay.G)]))
+        return 1.0 - ((absdev[0] + absdev[1]) / absdev[2]).clamp(max=1.0), None
+    if opts.weight == "adaptive-timestep":
+        w_b = buckets["sample_weight"]
+        return w_b.mean(), w_b
+    return totals.new_full((), _schedule(opts.weight, step, total_steps)), None
+
+
+def _assemble(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, per_sample_w, buckets):
+    """``coarse_weight·coarse + w·fine`` (or one part) and, with ``return_stats``, the statistics."""
+    scale = 1.0 / lay.B if opts.reduction == "sum" else 1.0 / (lay.R * lay.N)
+    coarse = totals[COARSE] * scale
+    fine = totals[FINE] * scale
+    anneal = opts.coarse_weight == "anneal"
+    cw = (1.0 - w) if anneal else torch.ones_like(w)
+    if opts.parts == "coarse":
         loss = coarse
-    else:
+    elif opts.parts == "fine":
         loss = fine
-    if not return_stats:
+    elif per_sample_w is not None:
+        # One weight per sample, from its bucket: w_b·fine_b and, annealed, (1 - w_b)·coarse_b.
+        per_sample = buckets["per_sample"]
+        cw_b = (1.0 - per_sample_w) if anneal else torch.ones_like(per_sample_w)
+        loss = ((cw_b * per_sample[:, COARSE]).sum() + (per_sample_w * per_sample[:, FINE]).sum()) * scale
+    else:
+        loss = cw * coarse + w * fine
+    if not opts.return_stats:
         return loss
-    groups_f = float(groups)
+    groups = float(lay.R * lay.G)
     stats = {
         "coarse": coarse.detach(),
         "fine": fine.detach(),
         "weight": w.detach(),
         "coarse_weight": cw.detach(),
-        "slope_mean": totals[ref.SUM_SLOPE].detach() / groups_f,
-        "intercept_mean": totals[ref.SUM_INTERCEPT].detach() / groups_f,
-        "slope_absdev": slope_absdev,
-        "intercept_absdev": intercept_absdev,
-        "output_mse": totals[ref.SQERR].detach() / (lay.R * lay.N),
+        "slope_mean": totals[SUM_SLOPE].detach() / groups,
+        "intercept_mean": totals[SUM_INTERCEPT].detach() / groups,
+        "slope_absdev": totals[ABS_SLOPE_DEV].detach() / groups,
+        "intercept_absdev": totals[ABS_INTERCEPT].detach() / groups,
+        "output_mse": totals[SQERR].detach() / (lay.R * lay.N),
     }
-    if per_bucket is not None:
-        sums, counts = per_bucket["sums"], per_bucket["counts"]
+    if buckets is not None:
+        sums, counts = buckets["sums"], buckets["counts"]
         n = counts.to(sums.dtype)
         n = torch.where(counts > 0, n, torch.full_like(n, float("nan")))  # empty bucket -> NaN
         stats.update({
-            "bucket_coarse": sums[:, ref.COARSE] * (scale * lay.B) / n,
-            "bucket_fine": sums[:, ref.FINE] * (scale * lay.B) / n,
-            "bucket_slope_absdev": sums[:, ref.ABS_SLOPE_DEV] / (n * lay.C * lay.G),
-            "bucket_intercept_absdev": sums[:, ref.ABS_INTERCEPT] / (n * lay.C * lay.G),
-            "bucket_output_mse": sums[:, ref.SQERR] / (n * lay.C * lay.N),
-            "bucket_weight": per_bucket["weight"],
+            "bucket_coarse": sums[:, COARSE] * (scale * lay.B) / n,
+            "bucket_fine": sums[:, FINE] * (scale * lay.B) / n,
+            "bucket_slope_absdev": sums[:, ABS_SLOPE_DEV] / (n * lay.C * lay.G),
+            "bucket_intercept_absdev": sums[:, ABS_INTERCEPT] / (n * lay.C * lay.G),
+            "bucket_output_mse": sums[:, SQERR] / (n * lay.C * lay.N),
+            "bucket_weight": buckets["weight"],
             "bucket_count": counts,
         })
     return loss, stats
 
 
-def _bucket_weights(per_sample, lay, buckets) -> dict:
-    """Per-bucket statistics and the per-bucket adaptive weight ``w_k`` (METHOD.md §8)."""
-    timesteps, K, t_max, state, ema = buckets
-    sums, counts, bucket = _bucket_stats(per_sample, timesteps, K, t_max)
+def _bucket_weights(rows: Tensor, lay: _Layout, timesteps: Tensor, opts: LiftPlaceOptions, state) -> dict:
+    """Per-sample and per-bucket statistics and the per-bucket adaptive weight ``w_k`` (METHOD.md §8)."""
+    per_sample = rows.view(lay.B, lay.C, ROW_STATS).sum(1)  # [B, ROW_STATS], differentiable
+    sums, counts, bucket = _ops.bucket_stats(per_sample.detach(), timesteps, opts.num_buckets, float(opts.t_max))
     sums, counts = _all_reduce(sums), _all_reduce(counts)
     present = counts > 0
     groups = (counts * (lay.C * lay.G)).clamp(min=1).to(sums.dtype)
-    absdev = (sums[:, ref.ABS_SLOPE_DEV] + sums[:, ref.ABS_INTERCEPT]) / groups
+    absdev = (sums[:, ABS_SLOPE_DEV] + sums[:, ABS_INTERCEPT]) / groups
     if state is not None:
+        ema = float(opts.bucket_ema)
         with torch.no_grad():
             seen = state["seen"]
             smoothed = torch.where(seen, ema * state["absdev"] + (1.0 - ema) * absdev, absdev)
@@ -316,69 +396,82 @@ def _bucket_weights(per_sample, lay, buckets) -> dict:
         present = state["seen"]
     w_k = 1.0 - absdev.clamp(max=1.0)
     w_k = torch.where(present, w_k, torch.zeros_like(w_k))  # no samples: contributes nothing
-    return {"sums": sums, "counts": counts, "weight": w_k, "sample_weight": w_k[bucket]}
+    return {"per_sample": per_sample, "sums": sums, "counts": counts, "weight": w_k, "sample_weight": w_k[bucket]}
 
 
-def fit_groups(student: Tensor, teacher: Tensor, *, group_size: int = 16, grouping: str = "error",
-               eps: float = 1e-7):
+def fit_groups(student: Tensor, teacher: Tensor, *, group_size: int = _DEFAULT_GROUP_SIZE,
+               grouping: str = "error", eps: float = 1e-7):
     """Per-group least-squares fit ``teacher ≈ slope·student + intercept``.
 
     Returns ``(slope, intercept)``, each ``[B, C, G]``; differentiable on both backends.
     """
     _check_tensors(student, teacher)
-    _choice("grouping", grouping, GROUPINGS)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"eps must be a positive float, got {eps!r}")
-    lay = _layout(student.shape, group_size, grouping)
-    x, y, P = _rows(student, teacher, lay, group_size, grouping)
-    if _ops.use_ext(x.device):
-        slope, intercept, _, _, _ = torch.ops.liftplace.lift_place_fwd(x, y, P, grouping, "l1", float(eps), lay.width)
-    else:
-        slope, intercept, _ = ref.lift_place_rows(x, y, P, grouping, "l1", float(eps), lay.width)
+    opts = LiftPlaceOptions(group_size=group_size, grouping=grouping, eps=eps)
+    lay = _layout(student.shape, opts)
+    slope, intercept, _ = _fit(student, teacher, opts, lay)
     return slope.reshape(lay.B, lay.C, lay.G), intercept.reshape(lay.B, lay.C, lay.G)
 
 
 class LiftPlaceLoss(nn.Module):
-    """``nn.Module`` form of :func:`lift_place_loss`; options as keyword arguments.
+    """``nn.Module`` form of :func:`lift_place_loss`; options as keyword arguments, validated
+    at construction into ``self.options`` (a :class:`LiftPlaceOptions`).
 
-    ``forward(student, teacher, step=None, total_steps=None)`` — ``step`` is needed only
-    for the ``"linear"`` / ``"cosine"`` weight schedules.
+    ``forward(student, teacher, step=None, total_steps=None, timesteps=None)`` — ``step`` is
+    needed only for the ``"linear"`` / ``"cosine"`` weight schedules, ``timesteps`` only
+    when built with ``num_buckets``. With buckets, each bucket's mean ``|a-1| + |b|`` is
+    smoothed across steps (``bucket_ema``; ``None`` turns it off) in buffers that go into
+    ``state_dict()``; the EMA is updated in training mode only.
     """
 
-    def __init__(self, *, group_size: int = 16, grouping: str = "error", norm: str = "l1",
+    def __init__(self, *, group_size: int = _DEFAULT_GROUP_SIZE, grouping: str = "error", norm: str = "l1",
                  reduction: str = "sum", weight: str = "adaptive", parts: str = "both",
                  coarse_weight: str = "constant", eps: float = 1e-7, total_steps: int | None = None,
                  check_finite: bool = False, return_stats: bool = False,
                  num_buckets: int | None = None, t_max: float | None = None,
                  bucket_ema: float | None = 0.9):
         super().__init__()
-        _check_options(grouping, norm, reduction, weight, parts, coarse_weight, eps, 0, total_steps or 1)
-        self.options = dict(group_size=group_size, grouping=grouping, norm=norm, reduction=reduction,
-                            weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
-                            check_finite=check_finite, return_stats=return_stats)
+        if weight == "adaptive-timestep" and num_buckets is None:
+            raise ValueError('weight="adaptive-timestep" needs num_buckets= and t_max= at construction')
+        if not isinstance(group_size, bool) and isinstance(group_size, int) and group_size < 2:
+            raise ValueError(f"group_size must be between 2 and the row length N, got {group_size}")
+        self.options = LiftPlaceOptions(group_size=group_size, grouping=grouping, norm=norm, reduction=reduction,
+                                        weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
+                                        check_finite=check_finite, return_stats=return_stats,
+                                        num_buckets=num_buckets, t_max=t_max, bucket_ema=bucket_ema)
+        _check_number("total_steps", total_steps)
+        if total_steps is not None and total_steps <= 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
         self.total_steps = total_steps
-        self.num_buckets, self.t_max, self.bucket_ema = num_buckets, t_max, bucket_ema
         if num_buckets is not None:
-            check_timesteps(torch.zeros(1), 1, num_buckets, t_max, torch.device("cpu"), sync=False)
-            if bucket_ema is not None and not 0.0 <= bucket_ema < 1.0:
-                raise ValueError(f"bucket_ema must be in [0, 1) or None, got {bucket_ema!r}")
             # EMA of each bucket's mean |a-1| + |b|: in state_dict(), hence in checkpoints.
             self.register_buffer("bucket_absdev", torch.zeros(num_buckets, dtype=torch.float64))
             self.register_buffer("bucket_seen", torch.zeros(num_buckets, dtype=torch.bool))
-        elif weight == "adaptive-timestep":
-            raise ValueError('weight="adaptive-timestep" needs num_buckets= and t_max= at construction')
+
+    @property
+    def num_buckets(self):
+        return self.options.num_buckets
+
+    @property
+    def t_max(self):
+        return self.options.t_max
+
+    @property
+    def bucket_ema(self):
+        return self.options.bucket_ema
 
     def forward(self, student: Tensor, teacher: Tensor, step: int | None = None,
                 total_steps: int | None = None, timesteps: Tensor | None = None):
-        bucket_kw = {}
-        if self.num_buckets is not None and timesteps is not None:
-            use_ema = self.bucket_ema is not None and self.training
-            state = {"absdev": self.bucket_absdev, "seen": self.bucket_seen} if use_ema else None
-            bucket_kw = dict(timesteps=timesteps, num_buckets=self.num_buckets, t_max=self.t_max,
-                             bucket_state=state, bucket_ema=self.bucket_ema or 0.0)
-        return lift_place_loss(student, teacher, step=step,
-                               total_steps=total_steps if total_steps is not None else self.total_steps,
-                               **self.options, **bucket_kw)
+        _check_tensors(student, teacher)
+        if timesteps is not None and not self.options.buckets:
+            raise ValueError("timesteps were passed but this LiftPlaceLoss was built without num_buckets=;"
+                             " construct it with num_buckets= and t_max= to use them")
+        if self.options.buckets and timesteps is None and self.options.weight == "adaptive-timestep":
+            raise ValueError('weight="adaptive-timestep" needs timesteps= (one per sample) in every call')
+        state = None
+        if timesteps is not None and self.options.bucket_ema is not None and self.training:
+            state = {"absdev": self.bucket_absdev, "seen": self.bucket_seen}
+        return _loss(student, teacher, self.options, step,
+                     total_steps if total_steps is not None else self.total_steps, timesteps, state)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items() if v is not None)

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from . import _ops
-from . import _reference as ref
+
+# Buckets hold [K, S] sums and a [K] EMA: far more buckets than a schedule has timesteps
+# (1000 for DDPM) only leaves them empty, and an unbounded K would exhaust memory.
+MAX_BUCKETS = 65536
 
 
-def check_timesteps(timesteps, batch: int, num_buckets, t_max, device, *, sync: bool) -> None:
-    """Validate timestep-bucketing arguments. Value checks (range) read the tensor, so they
-    run for CPU tensors always and for accelerator tensors only when ``sync`` is allowed."""
-    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or num_buckets < 1:
-        raise ValueError(f"num_buckets must be an int >= 1, got {num_buckets!r}")
-    if isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not t_max > 0:
+def check_bucket_options(num_buckets, t_max) -> None:
+    """Validate ``num_buckets`` and ``t_max`` (no tensors needed)."""
+    if isinstance(num_buckets, bool) or not isinstance(num_buckets, int) or not 1 <= num_buckets <= MAX_BUCKETS:
+        raise ValueError(f"num_buckets must be an int >= 1 and <= {MAX_BUCKETS} (MAX_BUCKETS), got {num_buckets!r}")
+    if (isinstance(t_max, bool) or not isinstance(t_max, (int, float)) or not math.isfinite(t_max)
+            or not t_max > 0):
         raise ValueError(
-            f"t_max must be a positive number (the scheduler's num_train_timesteps), got {t_max!r}")
+            f"t_max must be a positive finite number (the scheduler's num_train_timesteps), got {t_max!r}")
+
+
+def check_timesteps(timesteps, batch: int, t_max, device, *, sync: bool) -> None:
+    """Validate per-sample timesteps. Value checks (range, NaN) read the tensor, so they run
+    for CPU tensors always and for accelerator tensors only when ``sync`` is allowed."""
     if not isinstance(timesteps, Tensor):
         raise TypeError(f"timesteps must be a torch.Tensor of shape [{batch}], got {type(timesteps).__name__}")
     if timesteps.dim() != 1 or timesteps.shape[0] != batch:
@@ -28,6 +38,8 @@ def check_timesteps(timesteps, batch: int, num_buckets, t_max, device, *, sync: 
     if timesteps.device != device:
         raise ValueError(f"timesteps are on {timesteps.device} but the outputs are on {device}; move them")
     if timesteps.device.type == "cpu" or sync:
+        if timesteps.is_floating_point() and bool(torch.isnan(timesteps).any()):
+            raise ValueError("timesteps hold NaN; every sample needs a real timestep to pick its bucket")
         low, high = timesteps.min().item(), timesteps.max().item()
         if low < 0:
             raise ValueError(f"timesteps must be >= 0, got a minimum of {low}")
@@ -41,7 +53,8 @@ def bucket_stats(values: Tensor, timesteps: Tensor, num_buckets: int, t_max: flo
     Args:
         values: ``[B]`` or ``[B, S]`` floating statistics, one row per sample (detached).
         timesteps: ``[B]`` integer or floating timesteps.
-        num_buckets: ``K``; bucket ``k = floor(t·K / t_max)`` clamped to ``[0, K)``.
+        num_buckets: ``K`` (at most ``MAX_BUCKETS``); bucket ``k = floor(t·K / t_max)``
+            clamped to ``[0, K)``.
         t_max: the timestep range ``T`` (e.g. the scheduler's ``num_train_timesteps``).
 
     Returns:
@@ -52,14 +65,9 @@ def bucket_stats(values: Tensor, timesteps: Tensor, num_buckets: int, t_max: flo
         raise TypeError("values must be a floating torch.Tensor of shape [B] or [B, S]")
     if values.dim() not in (1, 2) or values.shape[0] == 0:
         raise ValueError(f"values must be a non-empty [B] or [B, S] tensor, got {list(values.shape)}")
-    check_timesteps(timesteps, values.shape[0], num_buckets, t_max, values.device, sync=False)
+    check_bucket_options(num_buckets, t_max)
+    check_timesteps(timesteps, values.shape[0], t_max, values.device, sync=False)
     squeeze = values.dim() == 1
     v = values.detach().reshape(values.shape[0], -1)
-    sums, counts, _ = _bucket_stats(v, timesteps, num_buckets, float(t_max))
+    sums, counts, _ = _ops.bucket_stats(v, timesteps, num_buckets, float(t_max))
     return (sums.squeeze(1) if squeeze else sums), counts
-
-
-def _bucket_stats(values: Tensor, timesteps: Tensor, num_buckets: int, t_max: float):
-    if _ops.use_ext(values.device, "bucket_stats"):
-        return torch.ops.liftplace.bucket_stats(values.contiguous(), timesteps.contiguous(), num_buckets, t_max)
-    return ref.bucket_stats(values, timesteps, num_buckets, t_max)
