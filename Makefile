@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv build test demo bench cuda-build-check clean
+.PHONY: venv build test demo bench cuda-build-check install-check clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,14 @@ $(VENV)/.deps: pyproject.toml
 
 venv: $(VENV)/.deps
 
-# Non-editable install; build/ keeps CMake's state so rebuilds are incremental.
+# Non-editable install; build/ keeps CMake's state so rebuilds are incremental. The built
+# extension is also copied beside the sources (an in-place build, like `build_ext --inplace`),
+# so Python started in the repository root imports the kernels too, not just the twins.
 build: venv
 	$(PIP) install --no-build-isolation --no-deps .
+	$(PY) -c 'import pathlib, shutil, sysconfig; \
+	    site = pathlib.Path(sysconfig.get_paths()["platlib"], "liftplace"); \
+	    [shutil.copy2(f, "liftplace") for f in [*site.glob("_C*.so"), site / "_build_info.py"]]'
 
 test: build
 	cd tests && ../$(VENV)/bin/pytest -q
@@ -34,3 +39,7 @@ cuda-build-check:
 
 clean:
 	rm -rf build dist *.egg-info
+
+# CI-only: README's by-hand install lines, as written, in a fresh venv (about 3 minutes).
+install-check:
+	bash .ci/install_check.sh

@@ -11,7 +11,10 @@ git ls-files -z | (cd "$root" && xargs -0 tar cf -) | (cd "$work" && tar xf -)
 sed -n '/<!-- install:start -->/,/<!-- install:end -->/p' README.md | sed '/^<!--/d;/^```/d' > "$work/install.sh"
 echo "install-check: running README's install lines:"; cat "$work/install.sh"
 start=$(date +%s)
-(cd "$work" && PIP_DISABLE_PIP_VERSION_CHECK=1 bash -euo pipefail install.sh >"$work/install.log" 2>&1) \
+# The lines stay as written; a constraint keeps CI on the CPU torch the project tests with
+# (an unpinned `pip install torch` here resolves to the 5.5 GB CUDA build).
+echo "torch==${TORCH_VERSION:-2.13.0}" > "$work/constraints.txt"
+(cd "$work" && PIP_CONSTRAINT="$work/constraints.txt" PIP_DISABLE_PIP_VERSION_CHECK=1 bash -euo pipefail install.sh >"$work/install.log" 2>&1) \
   || { tail -40 "$work/install.log"; exit 1; }
 cd "$work/.." # outside the copied tree: import the installed package
 "$work/.venv/bin/python" -W error::RuntimeWarning -c '
