@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, clean_stale_temporaries, compare_model_config, latest_checkpoint,
-                         load_safetensors_checked, load_torch_state, prune_checkpoints, read_verified_state,
-                         rng_state, set_rng_state, write_checkpoint)
+from .checkpoint import (CheckpointError, abandon_later_checkpoints, clean_stale_temporaries,
+                         compare_model_config, latest_checkpoint, load_safetensors_checked, load_torch_state,
+                         prune_checkpoints, read_verified_state, required_files, rng_state, set_rng_state,
+                         write_checkpoint)
 from .config import ConfigError, TrainConfig, load_model_config, load_yaml
 from .models import (FeatureAdapters, FeatureTaps, block_channels, build_from_config, compression_summary,
                      count_parameters, get_family, load_pretrained, model_config_dict, read_config,
@@ -354,7 +355,8 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         cfg = self.cfg
-        state = read_verified_state(ckpt)
+        state = read_verified_state(ckpt, required_files(ema=self.ema is not None, adapters=self.adapters is not None,
+                                                         kd_state=cfg.kd_weight == "adaptive-timestep"))
         saved_cfg_path = ckpt / "config.yaml"
         try:
             saved = load_yaml(saved_cfg_path)
@@ -514,6 +516,7 @@ class Trainer:
         if ckpt is not None:
             self.load_checkpoint(ckpt)
         if acc.is_main_process:
+            abandon_later_checkpoints(self.output_dir, self.global_step, resumed_from=ckpt)
             cfg.save_yaml(self.output_dir / "config.yaml")
             self._truncate_metrics()
         if acc.log_with:
