@@ -24,7 +24,7 @@ from .checkpoint import (CheckpointError, abandon_later_checkpoints, clean_stale
                          compare_model_config, latest_checkpoint, load_safetensors_checked, load_torch_state,
                          prune_checkpoints, read_verified_state, required_files, rng_state, set_rng_state,
                          write_checkpoint)
-from .config import ConfigError, TrainConfig, load_model_config, load_yaml
+from .config import ConfigError, TrainConfig, load_model_config, load_yaml, validate_models
 from .models import (FeatureAdapters, FeatureTaps, block_channels, build_from_config, compression_summary,
                      count_parameters, get_family, load_pretrained, model_config_dict, read_config,
                      resolve_model_dir, scheduler_config_near, select_feature_points)
@@ -135,6 +135,7 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         cfg = self.cfg
+        validate_models(cfg, self.role, teacher=self._teacher_in, student=self._student_in)
         log_with = None
         if cfg.report_to == "tensorboard":
             log_with = "tensorboard" if _tensorboard_available() else None
