@@ -1,7 +1,10 @@
 """Trainer config: values that only the model or the loss would reject are refused up front,
-naming the config key."""
+naming the config key; the key table in docs/TRAINER.md is the generated one."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -10,11 +13,13 @@ pytest.importorskip("accelerate")
 
 from liftplace.cli import main  # noqa: E402
 from liftplace.train import ConfigError, Trainer, build_config  # noqa: E402
+from liftplace.train import config as config_module  # noqa: E402
 from liftplace.train import trainer as trainer_module  # noqa: E402
-from liftplace.train.config import validate_against_model  # noqa: E402
+from liftplace.train.config import config_help_table, validate_against_model  # noqa: E402
 
 from testing import TINY_UNET  # noqa: E402
 
+REPO = Path(__file__).resolve().parent.parent
 THREE_DOWN = dict(TINY_UNET, block_out_channels=[8, 16, 16], down_block_types=["DownBlock2D"] * 3,
                   up_block_types=["UpBlock2D"] * 3)
 
@@ -111,3 +116,36 @@ def test_cli_reports_model_config_errors_without_traceback(tmp_path, capsys):
     assert main(["distill", "--config", str(cfg), "--output_dir", str(tmp_path / "run")]) == 2
     assert "resolution=18 does not fit the model of teacher_config" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+# --- the key table in docs/TRAINER.md ----------------------------------------------------------------
+
+def test_trainer_doc_key_table_is_the_generated_one():
+    doc = (REPO / "docs" / "TRAINER.md").read_text()
+    assert doc.count(config_module.TABLE_START) == 1 and doc.count(config_module.TABLE_END) == 1
+    between = doc.split(config_module.TABLE_START)[1].split(config_module.TABLE_END)[0]
+    assert between.strip() == config_help_table(), (
+        "docs/TRAINER.md's key table is stale: run `python -m liftplace.train.config_doc --update-doc docs/TRAINER.md`")
+    for needle in ("`kd_num_buckets`", "`kd_bucket_ema`", "adaptive-timestep"):
+        assert needle in between
+
+
+def test_generated_table_has_one_row_per_key_and_escapes_pipes():
+    rows = config_help_table().splitlines()[2:]
+    assert len(rows) == len(config_module.dataclasses.fields(config_module.TrainConfig))
+    for row in rows:  # "|a-1|" in a help text must not open new cells
+        assert row.replace("\\|", "").count("|") == 4, row
+
+
+def test_update_doc_command(tmp_path):
+    doc = tmp_path / "T.md"
+    doc.write_text(f"intro\n\n{config_module.TABLE_START}\nold\n{config_module.TABLE_END}\n\nafter\n")
+    run = [sys.executable, "-m", "liftplace.train.config_doc"]
+    assert subprocess.run(run + ["--update-doc", str(doc)], check=True).returncode == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n\n") and text.endswith("\n\nafter\n") and config_help_table() in text
+    out = subprocess.run(run + ["--markdown"], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == config_help_table()
+    doc.write_text("no markers\n")
+    res = subprocess.run(run + ["--update-doc", str(doc)], capture_output=True, text=True)
+    assert res.returncode != 0 and "config-table:start" in res.stderr
