@@ -71,6 +71,12 @@ def test_help_of_every_subcommand(sub, capsys):
         assert "--quick" in text and "report" in text
 
 
+def test_unknown_subcommand_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["distil"])
+    assert exc.value.code == 2 and "invalid choice: 'distil'" in capsys.readouterr().err
+
+
 def test_python_m_liftplace():
     res = run_cli("--help", timeout=120)
     assert res.returncode == 0 and "train-teacher" in res.stdout
