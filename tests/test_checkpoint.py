@@ -140,6 +140,14 @@ def test_malformed_trainer_state_is_a_checkpoint_error(real_checkpoint, tmp_path
         ck.read_verified_state(ckpt)
 
 
+def test_renamed_checkpoint_folder_is_refused(real_checkpoint, tmp_path):
+    ckpt = copy_run(real_checkpoint, tmp_path)
+    renamed = ckpt.with_name("checkpoint-6")
+    ckpt.rename(renamed)
+    with pytest.raises(CheckpointError, match="records global_step 2 but the folder is named checkpoint-6"):
+        ck.read_verified_state(renamed)
+
+
 def test_trainer_state_that_is_not_text_is_a_checkpoint_error(real_checkpoint, tmp_path):
     ckpt = copy_run(real_checkpoint, tmp_path)
     (ckpt / ck.STATE_FILE).write_bytes(b"\xff\xfe{")

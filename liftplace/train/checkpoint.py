@@ -353,6 +353,11 @@ def read_verified_state(ckpt: Path, required=REQUIRED_FILES) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{state_path} is corrupt (not valid JSON: {exc})") from exc
     _check_state_fields(state, state_path)
+    named = CHECKPOINT_RE.match(ckpt.name)
+    if named and int(named.group(1)) != state["global_step"]:
+        raise CheckpointError(f"{state_path} records global_step {state['global_step']} but the folder is named "
+                              f"{ckpt.name}: it was renamed or copied over; rename it back to "
+                              f"checkpoint-{state['global_step']}")
     manifest = state["manifest"]
     fix = "resume from another checkpoint (or start a new output_dir)"
     for rel in required:
