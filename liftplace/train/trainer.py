@@ -516,6 +516,7 @@ class Trainer:
         ckpt = self._resolve_resume()
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+        self.start_step = self.global_step
         if acc.is_main_process:
             abandon_later_checkpoints(self.output_dir, self.global_step, resumed_from=ckpt)
             cfg.save_yaml(self.output_dir / "config.yaml")
