@@ -71,6 +71,12 @@ def test_help_of_every_subcommand(sub, capsys):
         assert "--quick" in text and "report" in text
 
 
+def test_unknown_subcommand_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["distil"])
+    assert exc.value.code == 2 and "invalid choice: 'distil'" in capsys.readouterr().err
+
+
 def test_python_m_liftplace():
     res = run_cli("--help", timeout=120)
     assert res.returncode == 0 and "train-teacher" in res.stdout
@@ -109,6 +115,34 @@ def test_train_teacher_cli(tmp_path):
     assert {v.dtype for v in weights.values()} == {torch.float16}
     assert (out / "teacher" / "scheduler_config.json").is_file()
     assert main(["train-teacher", "--config", str(cfg_file), "--kd_loss", "place", "--output_dir", str(out)]) == 2
+
+
+def test_run_whose_steps_are_all_skipped_exits_non_zero(tmp_path, capsys, monkeypatch):
+    from liftplace.train.objective import DistillationLoss
+
+    cfg_file = tmp_path / "tiny.yaml"
+    cfg_file.write_text(TINY_YAML)
+    out = tmp_path / "run"
+    flags = ["distill", "--config", str(cfg_file), "--output_dir", str(out), "--checkpointing_steps", "2",
+             "--max_bad_steps", "100"]
+    assert main(flags + ["--max_train_steps", "2"]) == 0
+    capsys.readouterr()
+    real = DistillationLoss.teacher_output
+    nan_from = {"call": 10 ** 9}
+    calls = []
+
+    def teacher_output(self, noisy, timesteps, cond):
+        calls.append(1)
+        y = real(self, noisy, timesteps, cond)
+        return y * float("nan") if len(calls) >= nan_from["call"] else y
+    monkeypatch.setattr(DistillationLoss, "teacher_output", teacher_output)
+    nan_from["call"] = 1  # every step of the resumed run (steps 3 and 4) is skipped
+    rc = main(flags + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "all 2 steps of this run were skipped" in err, err
+    calls.clear()
+    nan_from["call"] = 2  # one good step, then skipped ones: the run did something
+    assert main(flags + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"]) == 0
 
 
 def test_cli_errors_name_the_key(tmp_path, capsys):

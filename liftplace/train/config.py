@@ -215,6 +215,13 @@ class TrainConfig:
             raise ConfigError(f"student_width_mult must be in (0, 1], got {self.student_width_mult}")
         if self.group_size < 2:
             raise ConfigError(f"group_size must be >= 2, got {self.group_size}")
+        self._check_kd_shape()
+        if not 1 <= self.kd_num_buckets <= self.ddpm_num_steps:
+            raise ConfigError(f"kd_num_buckets must be between 1 and ddpm_num_steps ({self.ddpm_num_steps}): each "
+                              f"bucket covers ddpm_num_steps / kd_num_buckets timesteps; got {self.kd_num_buckets}")
+        if not 0 <= self.kd_bucket_ema < 1:
+            raise ConfigError(f"kd_bucket_ema must be in [0, 1) (0: each bucket uses the batch alone), "
+                              f"got {self.kd_bucket_ema}")
         for name in ("student_layers_per_block", "student_norm_num_groups", "checkpoints_total_limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -231,7 +238,37 @@ class TrainConfig:
         elif self.pretrained_model_name_or_path is None and self.teacher_config is None:
             raise ConfigError(f"kd_loss={self.kd_loss!r} needs a teacher: set pretrained_model_name_or_path "
                               "(a model folder) or teacher_config")
+        self._check_output_dir()
         return self
+
+    def _check_kd_shape(self) -> None:
+        """group_size against the rows the KD loss sees: one channel of a resolution x resolution
+        sample, N = resolution**2 elements (the trainer feeds every model that sample size)."""
+        if self.kd_loss == "none" or self.grouping == "global":
+            return
+        n, r = self.resolution ** 2, self.resolution
+        if self.group_size > n:
+            raise ConfigError(f"group_size={self.group_size} is larger than a row of the model output: one channel "
+                              f"of a {r}x{r} sample (resolution={r}) has {n} elements; set group_size <= {n}, "
+                              "raise resolution, or use kd_grouping=global")
+        if self.grouping == "patch":
+            p = math.isqrt(self.group_size)
+            if p * p != self.group_size:
+                raise ConfigError(f"kd_grouping=patch tiles p x p patches: group_size must be a perfect square "
+                                  f"(4, 9, 16, 64, ...), got {self.group_size}")
+            if r % p:
+                raise ConfigError(f"kd_grouping=patch with group_size={self.group_size} tiles {p}x{p} patches: "
+                                  f"resolution must be a multiple of {p}, got {r}")
+
+    def _check_output_dir(self) -> None:
+        out = Path(self.output_dir)
+        for p in (out, *out.parents):
+            if p.exists() or p.is_symlink():
+                if not p.is_dir():
+                    where = "" if p == out else f" ({str(p)!r} is in its path)"
+                    raise ConfigError(f"output_dir {self.output_dir!r} cannot be a folder: {str(p)!r} exists and is "
+                                      f"not a folder{where}; choose another output_dir")
+                return
 
 
 def _plain(value):
@@ -379,6 +416,47 @@ def load_model_config(value, what: str) -> dict:
     return data
 
 
+def validate_against_model(cfg: TrainConfig, model_config: dict, what: str) -> None:
+    """Check ``cfg`` against one model's config (its ``config.json`` as a dict) before the model is
+    built; ``what`` names where the model comes from (a config key). Raises :class:`ConfigError`."""
+    down = model_config.get("down_block_types")
+    if isinstance(down, (list, tuple)) and len(down) > 1:
+        factor = 2 ** (len(down) - 1)
+        r = cfg.resolution
+        if r % factor:
+            lower, upper = max(factor, r // factor * factor), (r // factor + 1) * factor
+            raise ConfigError(f"resolution={r} does not fit {what}: its {len(down)} down blocks "
+                              f"(down_block_types) halve the sample {len(down) - 1} times, so resolution must be a "
+                              f"multiple of {factor}; use resolution {lower} or {upper}")
+
+
+def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, student=None) -> None:
+    """:func:`validate_against_model` for every model the run will build or load, from the configs
+    alone (``config.json`` of a model folder, ``teacher_config`` / ``student_config``), before any
+    model is instantiated. ``teacher`` / ``student``: models passed in directly (their ``.config``).
+    ``role="teacher"`` (train-teacher): the model trained is ``student`` or the teacher keys."""
+    from .models import read_config, resolve_model_dir  # models imports this module
+
+    def from_keys(module, name: str, path_key: str, config_key: str):
+        if module is not None:
+            return f"the {name} passed to Trainer", dict(module.config)
+        path = getattr(cfg, path_key)
+        if path is not None:
+            return f"the model in {path_key} ({str(path)!r})", read_config(resolve_model_dir(path))
+        if getattr(cfg, config_key) is not None:
+            return f"the model of {config_key}", load_model_config(getattr(cfg, config_key), config_key)
+        return None
+
+    if role == "teacher":
+        sources = [from_keys(student, "model", "pretrained_model_name_or_path", "teacher_config")]
+    else:  # a derived student keeps the teacher's down blocks
+        sources = [from_keys(teacher, "teacher", "pretrained_model_name_or_path", "teacher_config"),
+                   from_keys(student, "student", "student_model_name_or_path", "student_config")]
+    for source in sources:
+        if source is not None:
+            validate_against_model(cfg, source[1], source[0])
+
+
 # --- command line ----------------------------------------------------------------------------
 
 _GROUP_TITLES = {
@@ -469,13 +547,33 @@ def check_unknown_flags(unknown: list[str]) -> None:
         raise ConfigError(f"unexpected arguments: {' '.join(unknown)}")
 
 
+TABLE_START = "<!-- config-table:start: generated by `python -m liftplace.train.config_doc --update-doc FILE` -->"
+TABLE_END = "<!-- config-table:end -->"
+
+
 def config_help_table() -> str:
-    """Markdown table of every key, its default and help (for docs)."""
+    """Markdown table of every key, its default and help (docs/TRAINER.md holds it between
+    :data:`TABLE_START` and :data:`TABLE_END`; a test keeps the two equal)."""
     lines = ["| key | default | meaning |", "|---|---|---|"]
     for f in dataclasses.fields(TrainConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         text = f.metadata["help"]
         if f.metadata.get("choices"):
             text += f" ({' / '.join(f.metadata['choices'])})"
+        text = text.replace("|", "\\|")  # a literal | would open a new cell
         lines.append(f"| `{f.name}` | `{default!r}` | {text} |")
     return "\n".join(lines)
+
+
+def update_doc(path) -> bool:
+    """Replace the table between the markers in ``path``; returns whether the file changed."""
+    path = Path(path)
+    text = path.read_text()
+    if text.count(TABLE_START) != 1 or text.count(TABLE_END) != 1 or text.index(TABLE_START) > text.index(TABLE_END):
+        raise ConfigError(f"{path} must hold one {TABLE_START!r} line and, after it, one {TABLE_END!r} line")
+    head, rest = text.split(TABLE_START)
+    tail = rest.split(TABLE_END)[1]
+    new = f"{head}{TABLE_START}\n{config_help_table()}\n{TABLE_END}{tail}"
+    if new != text:
+        path.write_text(new)
+    return new != text

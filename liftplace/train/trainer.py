@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, clean_stale_temporaries, compare_model_config, latest_checkpoint,
-                         load_safetensors_checked, load_torch_state, prune_checkpoints, read_verified_state,
-                         rng_state, set_rng_state, write_checkpoint)
-from .config import ConfigError, TrainConfig, load_model_config, load_yaml
+from .checkpoint import (CheckpointError, abandon_later_checkpoints, clean_stale_temporaries,
+                         compare_model_config, latest_checkpoint, load_safetensors_checked, load_torch_state,
+                         prune_checkpoints, read_verified_state, required_files, rng_state, set_rng_state,
+                         write_checkpoint)
+from .config import ConfigError, TrainConfig, load_model_config, load_yaml, validate_models
 from .models import (FeatureAdapters, FeatureTaps, block_channels, build_from_config, compression_summary,
                      count_parameters, get_family, load_pretrained, model_config_dict, read_config,
                      resolve_model_dir, scheduler_config_near, select_feature_points)
@@ -134,6 +135,7 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         cfg = self.cfg
+        validate_models(cfg, self.role, teacher=self._teacher_in, student=self._student_in)
         log_with = None
         if cfg.report_to == "tensorboard":
             log_with = "tensorboard" if _tensorboard_available() else None
@@ -354,7 +356,8 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         cfg = self.cfg
-        state = read_verified_state(ckpt)
+        state = read_verified_state(ckpt, required_files(ema=self.ema is not None, adapters=self.adapters is not None,
+                                                         kd_state=cfg.kd_weight == "adaptive-timestep"))
         saved_cfg_path = ckpt / "config.yaml"
         try:
             saved = load_yaml(saved_cfg_path)
@@ -513,7 +516,9 @@ class Trainer:
         ckpt = self._resolve_resume()
         if ckpt is not None:
             self.load_checkpoint(ckpt)
+        self.start_step = self.global_step
         if acc.is_main_process:
+            abandon_later_checkpoints(self.output_dir, self.global_step, resumed_from=ckpt)
             cfg.save_yaml(self.output_dir / "config.yaml")
             self._truncate_metrics()
         if acc.log_with:
