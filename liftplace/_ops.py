@@ -65,24 +65,43 @@ _FIX = ("build it with `make build` in the source tree, or `pip install --no-bui
         " (needs a C++17 compiler and torch installed first)")
 
 
+def _minor(version: str | None) -> str | None:
+    return ".".join(version.split("+")[0].split(".")[:2]) if version else None
+
+
+try:  # plain Python written at build time: loads even when _C cannot
+    from . import _build_info
+except ImportError:
+    _build_info = None
+BUILT_WITH_TORCH = getattr(_build_info, "TORCH_VERSION", None)
+_TORCH_MISMATCH = (BUILT_WITH_TORCH is not None and _minor(BUILT_WITH_TORCH) != _minor(torch.__version__))
+
+
+def _matching_install() -> str:
+    cuda = (torch.version.cuda or "").replace(".", "")
+    tag = f"pt{_minor(torch.__version__).replace('.', '')}{'cu' + cuda if cuda else 'cpu'}"
+    return (f"install the liftplace wheel built for it (`pip install 'liftplace=={__version__}+{tag}'`, see"
+            " README.md 'Install') or rebuild from source (`pip install --no-build-isolation --force-reinstall .`)")
+
+
 def _load_extension():
     """``(module, None)`` or ``(None, reason)``; never raises."""
     if importlib.util.find_spec(f"{__package__}._C") is None:
         where = os.path.dirname(os.path.abspath(__file__))
         return None, f"no compiled liftplace._C in {where}"
+    if _TORCH_MISMATCH:
+        # Loading it would fail on undefined symbols at best; say why instead.
+        return None, (f"liftplace._C was built against torch {BUILT_WITH_TORCH} but torch {torch.__version__} is"
+                      f" installed; {_matching_install()}")
     try:
         from . import _C
-    except ImportError as exc:  # an ABI mismatch with the installed torch, a missing library
+    except ImportError as exc:  # a missing library, a torch of the same minor built differently
         return None, f"liftplace._C failed to load: {exc}"
     return _C, None
 
 
 _C, _EXT_ERROR = _load_extension()
 HAS_EXT = _C is not None
-try:
-    from . import _build_info
-except ImportError:
-    _build_info = None
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
@@ -111,7 +130,9 @@ def _check_backend(name, source: str) -> str:
 
 _state = {"backend": _check_backend(os.environ.get("LIFTPLACE_BACKEND", "auto").strip().lower() or "auto",
                                     "LIFTPLACE_BACKEND")}
-if not HAS_EXT and _state["backend"] == "auto":
+if _TORCH_MISMATCH:  # always worth saying: the install is broken, whichever backend was chosen
+    warnings.warn(f"liftplace is using its slower pure-torch path: {_EXT_ERROR}.", RuntimeWarning, stacklevel=2)
+elif not HAS_EXT and _state["backend"] == "auto":
     warnings.warn(f"liftplace is using its slower pure-torch path: {_EXT_ERROR}. To use the kernels, {_FIX}."
                   " Set LIFTPLACE_BACKEND=torch to choose the pure-torch path without this warning.",
                   RuntimeWarning, stacklevel=2)
@@ -309,7 +330,8 @@ def backend_info() -> dict:
         "cuda_version": getattr(_build_info, "CUDA_VERSION", None) if HAS_EXT else None,
         "torch_version": torch.__version__,
         "torch_cuda_version": torch.version.cuda,
-        "built_with_torch": getattr(_build_info, "TORCH_VERSION", None) if HAS_EXT else None,
+        "built_with_torch": BUILT_WITH_TORCH,
+        "torch_mismatch": _TORCH_MISMATCH,
         "ext_error": _EXT_ERROR,
     }
     built, running = info["cuda_version"], torch.version.cuda

@@ -17,3 +17,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    # Registered here, not only in pyproject.toml, so the suite also runs from a copy of
+    # tests/ against an installed wheel (.ci/wheel_check.sh).
+    config.addinivalue_line("markers", "slow: longer end-to-end tests")

@@ -237,3 +237,21 @@ def test_repository_root_imports_the_kernels_after_make_build():
     assert out.returncode == 0, out.stderr
     path, cpu_ext = out.stdout.split()[:2]
     assert Path(path).parent == REPO / "liftplace" and cpu_ext == "True", out.stdout + out.stderr
+
+
+def test_torch_version_mismatch_warns_with_both_versions_and_the_fix(tmp_path):
+    installed = Path(liftplace.__file__).parent
+    if not (installed / "_build_info.py").exists():
+        pytest.skip("no build info: the extension was never built")
+    shutil.copytree(installed, tmp_path / "liftplace", ignore=shutil.ignore_patterns("__pycache__"))
+    info = tmp_path / "liftplace" / "_build_info.py"
+    info.write_text(info.read_text().replace(f'TORCH_VERSION = "{liftplace.backend_info()["built_with_torch"]}"',
+                                             'TORCH_VERSION = "2.1.0"'))
+    code = "import liftplace; i = liftplace.backend_info(); print(i['torch_mismatch'], i['cpu_ext'])"
+    env = {k: v for k, v in os.environ.items() if k != "LIFTPLACE_BACKEND"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "False"]
+    assert out.stderr.count("RuntimeWarning") == 1
+    assert f"built against torch 2.1.0 but torch {torch.__version__} is installed" in out.stderr
+    assert "--no-build-isolation --force-reinstall" in out.stderr and "+pt" in out.stderr

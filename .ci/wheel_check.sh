@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# CI: the CPU wheel in dist/ (make wheel) installed into a fresh venv that has torch but no
+# compiler on PATH and no source tree on sys.path; the whole test suite runs against it.
+# Also: a default `pip install .` (build isolation on) must stop with the command that works
+# instead of building against some other torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+TORCH_PKG=${TORCH_PKG:-torch==2.13.0}
+start=$(date +%s)
+stamp() { echo "wheel-check [$(( $(date +%s) - start ))s] $*"; }
+whl=$(ls dist/liftplace-*cpu-*.whl | head -1)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+PIP=("$work/venv/bin/python" -m pip --disable-pip-version-check -q)
+quiet() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
+
+stamp "wheel: $whl"
+python3 -m venv "$work/venv"
+"${PIP[@]}" install "$TORCH_PKG" 2> >(quiet)
+"${PIP[@]}" install "$whl[train,test]" 2> >(quiet)
+# The tests alone, outside the source tree; PATH holds the venv and basic tools, no compiler.
+cp -r tests "$work/tests"
+mkdir "$work/bin"
+for tool in sh bash env cat ls rm mkdir cp mv sed grep tar uname dirname basename readlink date; do
+  ln -s "$(command -v "$tool")" "$work/bin/$tool"
+done
+export PATH="$work/venv/bin:$work/bin"
+for cc in cc c++ gcc g++ clang nvcc; do
+  if command -v "$cc" >/dev/null; then echo "wheel-check: a compiler ($cc) is on PATH" >&2; exit 1; fi
+done
+cd "$work/tests"
+python -W error::RuntimeWarning -c '
+import liftplace, sys
+info = liftplace.backend_info()
+assert info["cpu_ext"] and not liftplace.__file__.startswith(sys.argv[1]), (info, liftplace.__file__)
+print("wheel-check: installed", liftplace.__file__, {k: info[k] for k in ("version", "cpu_ext", "built_with_torch")})' "$root"
+stamp "running the test suite against the installed wheel"
+python -m pytest -q -p no:cacheprovider
+stamp "default pip install . (build isolation on) must refuse with the working command"
+cd "$root"
+export PATH="$work/venv/bin:/usr/bin:/bin"
+if out=$(pip install --no-deps --dry-run . 2>&1); then
+  echo "wheel-check: 'pip install .' with build isolation did not stop" >&2; exit 1
+fi
+grep -q "pip install --no-build-isolation" <<<"$out" || { echo "$out" | tail -20 >&2; exit 1; }
+stamp "ok: the isolated build stopped with the --no-build-isolation command"
