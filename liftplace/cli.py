@@ -181,7 +181,7 @@ def main(argv=None) -> int:
         if args.command == "sample":
             return _sample_command(args)
         if args.command == "demo":
-            from .demo import run_demo
+            from .eval.demo import run_demo
 
             run_demo(quick=args.quick, output_dir=args.output_dir, seed=args.seed, steps=args.max_train_steps,
                      teacher=args.teacher, num_samples=args.num_samples, threads=args.threads,

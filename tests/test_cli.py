@@ -126,7 +126,7 @@ def test_cli_errors_name_the_key(tmp_path, capsys):
 
 
 def test_example_configs_are_valid():
-    from liftplace.demo import DEMO_BASE
+    from liftplace.eval.demo import DEMO_BASE
 
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert len(files) >= 3

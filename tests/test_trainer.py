@@ -15,6 +15,7 @@ from liftplace.train import (CheckpointError, ConfigError, Trainer, TrainingDive
                              build_config, derive_student_config, distill)
 from liftplace.train.checkpoint import list_checkpoints, read_verified_state  # noqa: E402
 from liftplace.train.models import count_parameters, get_family  # noqa: E402
+from liftplace.train.objective import TeacherOutputCache  # noqa: E402
 from liftplace.train.sampling import ddim_sample, ddim_scheduler_from  # noqa: E402
 
 from testing import TINY_UNET as TEACHER  # noqa: E402
@@ -278,8 +279,6 @@ def test_config_precedence_defaults_file_cli(tmp_path):
 
 
 def test_shared_teacher_cache_changes_nothing(tmp_path):
-    from liftplace.train.objective import TeacherOutputCache
-
     cache = TeacherOutputCache()
     distill(make_config(tmp_path / "a", kd_loss="output", max_train_steps=3), teacher_cache=cache)
     assert cache.misses == 3 and cache.hits == 0
@@ -290,6 +289,23 @@ def test_shared_teacher_cache_changes_nothing(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_second")}
                 for r in read_metrics(tmp_path / run)]
     assert losses("b") == losses("c")  # bitwise: cached teacher outputs equal recomputed ones
+
+
+def test_teacher_cache_digest_covers_cond():
+    cache = TeacherOutputCache()
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([3, 5])
+    assert cache.digest(x, t, {}) == cache.digest(x, t)
+    assert cache.digest(x, t, {"label": torch.tensor([1, 2])}) != cache.digest(x, t, {"label": torch.tensor([1, 3])})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return x * len(calls)
+
+    a = cache.fetch(x, t, {"label": torch.tensor([1, 2])}, compute, key=0)
+    assert torch.equal(cache.fetch(x, t, {"label": torch.tensor([1, 2])}, compute, key=0), a) and len(calls) == 1
+    b = cache.fetch(x, t, {"label": torch.tensor([1, 3])}, compute, key=0)  # same key, other cond: recomputed
+    assert len(calls) == 2 and not torch.equal(a, b)
 
 
 def test_teacher_in_bf16(tmp_path):

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,9 @@ from torch import nn
 from .checkpoint import (CheckpointError, clean_stale_temporaries, compare_model_config, latest_checkpoint,
                          load_safetensors_checked, load_torch_state, prune_checkpoints, read_verified_state,
                          rng_state, set_rng_state, write_checkpoint)
+from ..eval.plots import plot_bucket_heatmaps
 from .config import ConfigError, TrainConfig, load_model_config, load_yaml
+from .data import make_dataset, random_hflip
 from .models import (FeatureAdapters, FeatureTaps, block_channels, build_from_config, compression_summary,
                      count_parameters, get_family, load_pretrained, model_config_dict, read_config,
                      resolve_model_dir, scheduler_config_near, select_feature_points)
@@ -281,13 +284,11 @@ class Trainer:
     def _build_dataset(self, shape):
         if self._dataset_in is not None:
             return self._dataset_in
-        from ..data import make_dataset
-
         cfg = self.cfg
         name = cfg.train_data_dir or cfg.dataset_name
         extra = {"center_crop": cfg.center_crop} if name not in ("digits", "synthetic") else {}
         # seed=0: the digits train/held-out split stays the same whatever the training seed
-        return make_dataset(name, cfg.resolution, shape[0], split="train", seed=0, random_flip=False, **extra)
+        return make_dataset(name, cfg.resolution, shape[0], split="train", seed=0, **extra)
 
     # --- checkpoints --------------------------------------------------------------------------
     def _trainer_state(self) -> dict:
@@ -479,8 +480,6 @@ class Trainer:
         if _DTYPES[self.cfg.export_dtype] != torch.float32:
             m = m.to(_DTYPES[self.cfg.export_dtype])
         tmp = self.output_dir / f".tmp-{self.role}-{os.getpid()}"
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         m.save_pretrained(str(tmp), safe_serialization=True)
         self.noise_scheduler.save_pretrained(str(tmp))
@@ -544,8 +543,7 @@ class Trainer:
                     gen = self._step_generator(k)
                     clean = batch["pixel_values"].to(self.device)
                     if cfg.random_flip:
-                        flip = (torch.rand(clean.shape[0], generator=gen) < 0.5).to(self.device)
-                        clean = torch.where(flip.view(-1, *([1] * (clean.dim() - 1))), clean.flip(-1), clean)
+                        clean = random_hflip(clean, gen)
                     sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(self.student)
                     with sync:
                         out = self.loss_fn(clean, {}, gen, self.global_step, with_stats=want_stats,
@@ -624,8 +622,6 @@ class Trainer:
             self.validate()
             model_dir = self.export()
             if acc.is_main_process:
-                from ..plots import plot_bucket_heatmaps
-
                 for path in plot_bucket_heatmaps(self.metrics_path, self.output_dir):
                     self.log.info(f"saved per-timestep-bucket heat-map {path}")
         return TrainResult(output_dir=self.output_dir, global_step=self.global_step, model_dir=model_dir,
