@@ -14,7 +14,8 @@ pytest.importorskip("accelerate")
 from liftplace.train import (CheckpointError, ConfigError, Trainer, TrainingDivergedError,  # noqa: E402
                              build_config, derive_student_config, distill)
 from liftplace.train.checkpoint import list_checkpoints, read_verified_state  # noqa: E402
-from liftplace.train.models import count_parameters, get_family  # noqa: E402
+from liftplace.train.data import SyntheticDataset  # noqa: E402
+from liftplace.train.models import UNet2DFamily, count_parameters, get_family  # noqa: E402
 from liftplace.train.objective import TeacherOutputCache  # noqa: E402
 from liftplace.train.sampling import ddim_sample, ddim_scheduler_from  # noqa: E402
 
@@ -329,3 +330,62 @@ def test_image_folder_dataset_rgb(tmp_path):
     res = distill(make_config(tmp_path / "run", teacher_config=rgb, train_data_dir=str(tmp_path / "images"),
                               random_flip=True, max_train_steps=2))
     assert res.global_step == 2 and all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))
+
+
+# --- conditioning: batch -> family.forward --------------------------------------------------------
+
+class _LabelledFamily(UNet2DFamily):
+    """The U-Net family, taking each batch's "label" as conditioning and recording what it got."""
+
+    name = "labelled-unet2d"
+    cond_keys = ("label",)
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, model, noisy, timesteps, cond):
+        self.calls.append((model, dict(cond)))
+        return super().forward(model, noisy, timesteps, cond)
+
+
+class _LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, n=8, with_label=True):
+        self.images = SyntheticDataset(num_samples=n, resolution=16).images
+        self.with_label = with_label
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = {"pixel_values": self.images[i]}
+        if self.with_label:
+            item["label"] = 100 + i
+        return item
+
+
+def test_cond_keys_flow_from_the_batch_to_teacher_and_student(tmp_path):
+    family = _LabelledFamily()
+    tr = Trainer(make_config(tmp_path, max_train_steps=2, use_ema=False), family=family,
+                 train_dataset=_LabelledImages(), end_of_run=["export"]).setup()
+    res = tr.train()
+    expected = [torch.tensor(b) + 100 for b in tr.stream.epoch_batches(0)[:2]]
+    for who in (tr.teacher, tr.student):
+        seen = [cond["label"] for model, cond in family.calls if model is who]
+        assert len(seen) == 2, who
+        for got, want in zip(seen, expected):
+            assert torch.equal(got.cpu(), want)
+    # the end-of-run steps are the ones asked for: an export, no sample grid
+    assert res.model_dir == tmp_path / "student" and res.model_dir.is_dir()
+    assert not (tmp_path / "samples").exists()
+
+    with pytest.raises(ConfigError, match=r"takes 'label' from the batch as conditioning.*pixel_values"):
+        distill(make_config(tmp_path / "nolabel", max_train_steps=1), family=_LabelledFamily(),
+                train_dataset=_LabelledImages(with_label=False))
+
+
+def test_end_of_run_steps_are_chosen_by_the_caller(tmp_path):
+    ran = []
+    res = distill(make_config(tmp_path, max_train_steps=1, use_ema=False), end_of_run=[lambda tr: ran.append(tr)])
+    assert len(ran) == 1 and res.model_dir is None and not (tmp_path / "student").exists()
+    with pytest.raises(ValueError, match="unknown end-of-run step 'plot'"):
+        Trainer(make_config(tmp_path), end_of_run=["plot"])
