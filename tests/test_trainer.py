@@ -11,6 +11,8 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from safetensors.torch import load_file  # noqa: E402
+
 from liftplace.train import (CheckpointError, ConfigError, Trainer, TrainingDivergedError,  # noqa: E402
                              build_config, derive_student_config, distill)
 from liftplace.train.checkpoint import list_checkpoints, read_verified_state  # noqa: E402
@@ -389,3 +391,49 @@ def test_end_of_run_steps_are_chosen_by_the_caller(tmp_path):
     assert len(ran) == 1 and res.model_dir is None and not (tmp_path / "student").exists()
     with pytest.raises(ValueError, match="unknown end-of-run step 'plot'"):
         Trainer(make_config(tmp_path), end_of_run=["plot"])
+
+
+# --- resume with changed settings (issue 10) -------------------------------------------------------
+
+def test_resume_applies_changed_optimizer_settings(tmp_path, caplog):
+    kw = dict(max_train_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=0)
+    distill(make_config(tmp_path, **kw), until_step=3)
+    saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    changed = dict(learning_rate=1e-5, adam_beta1=0.5, adam_weight_decay=0.5, adam_epsilon=1e-6, ema_decay=0.5)
+    tr = Trainer(make_config(tmp_path, resume_from_checkpoint="latest", **changed, **kw))
+    tr.train(until_step=3)  # resume only: no step taken
+    # the EMA keeps its weights and step count and takes the new decay
+    ema_saved = load_file(str(tmp_path / "checkpoint-3" / "student_ema" / "diffusion_pytorch_model.safetensors"))
+    names = [n for n, _ in tr.student.named_parameters()]
+    assert all(torch.equal(p, ema_saved[n]) for n, p in zip(names, tr.ema.shadow_params))
+    assert tr.ema.optimization_step == 3 and tr.ema.decay == 0.5
+    for group in tr.optimizer.param_groups:
+        assert group["betas"] == (0.5, 0.999) and group["weight_decay"] == 0.5 and group["eps"] == 1e-6
+        assert group["initial_lr"] == 1e-5
+    # the cosine schedule continues from step 3 of 6 at the new lr: factor 0.5 for step 4
+    assert tr.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert tr.optimizer.param_groups[0]["lr"] == tr.lr_scheduler.get_last_lr()[0]
+    # the moments are the checkpoint's
+    state = tr.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i]["exp_avg"], saved["state"][i]["exp_avg"]) for i in saved["state"])
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "learning_rate 0.001 -> 1e-05" in message and "adam_beta1 0.9 -> 0.5" in message
+    assert "in effect from step 4" in message
+    # config.yaml records what is in effect, and the next step uses it
+    res = distill(make_config(tmp_path, resume_from_checkpoint="latest", **changed, **kw))
+    assert build_config(tmp_path / "config.yaml").learning_rate == 1e-5
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
+    assert lrs[4] == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert res.global_step == 6
+
+
+def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
+    kw = dict(checkpointing_steps=4, lr_scheduler="linear", lr_warmup_steps=0)
+    distill(make_config(tmp_path, max_train_steps=4, **kw))  # linear: lr reaches 0 after step 4
+    distill(make_config(tmp_path, max_train_steps=8, resume_from_checkpoint="latest", **kw))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    assert sorted(lrs) == list(range(1, 9))
+    # step s runs at lr0 * (1 - (s - 1) / 8): the 8-step schedule from step 4 on
+    for s in range(5, 9):
+        assert lrs[s] > 0 and lrs[s] == pytest.approx(1e-3 * (1 - (s - 1) / 8)), s

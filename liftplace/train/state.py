@@ -6,7 +6,7 @@
         adapters.safetensors     feature-KD adapters, when used
         kd_loss.safetensors      the KD loss's buffers (the per-timestep-bucket EMA)
         optimizer.pt             AdamW state: moments and step counts
-        lr_scheduler.pt          the schedule's state
+        lr_scheduler.pt          the schedule's position (checked against the step on resume)
         random_states.pt         python / numpy / torch RNG
         scheduler_config.json    the noise schedule;  config.yaml  the run's config
         trainer_state.json       step, data position, counters, manifest (written by checkpoint.py)
@@ -15,7 +15,11 @@ Writing goes through :func:`checkpoint.write_checkpoint` (atomic) and reading st
 :func:`checkpoint.read_verified_state` (every listed file's size and sha256).
 
 Resuming keeps everything that makes the run the same run (the data order, the noise, the
-model: ``RESUME_CRITICAL``) and refuses a change to those; other changes are logged.
+model: ``RESUME_CRITICAL``) and refuses a change to those. Any other setting may change,
+and the change is applied, not just recorded: the optimiser takes the new lr, betas,
+weight decay and eps (its moments kept), the lr schedule is rebuilt for the new
+``lr_scheduler`` / ``lr_warmup_steps`` / ``max_train_steps`` from the checkpoint's step,
+and the EMA takes the new decay settings (its weights and step count kept).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from .checkpoint import (CheckpointError, compare_model_config, latest_checkpoin
                          write_checkpoint)
 from .config import ConfigError, TrainConfig, load_yaml
 from .models import model_config_dict, read_config
+from .optim import apply_optimizer_settings, make_lr_scheduler
 
 if TYPE_CHECKING:
     from .trainer import Trainer
@@ -127,17 +132,28 @@ def changed_settings(ckpt: Path, cfg: TrainConfig) -> dict[str, tuple]:
 
 
 def restore_ema(ema, ema_dir: Path, model: torch.nn.Module, device) -> None:
-    """Load the EMA weights and state of ``ema_dir`` into ``ema`` through ``EMAModel.load_state_dict``."""
+    """Load the EMA weights and step count of ``ema_dir`` into ``ema`` through
+    ``EMAModel.load_state_dict``; the decay settings stay this run's."""
     if not ema_dir.is_dir():
         raise CheckpointError(f"{ema_dir} is missing but use_ema is on")
     saved = read_config(ema_dir)
     compare_model_config(ema_dir / "config.json", saved, model_config_dict(model), "student")
     weights = load_safetensors_checked(ema_dir / WEIGHTS, model.state_dict(), "student EMA")
-    state = ema.state_dict()
-    # EMAModel.save_pretrained writes its state (all but the weights) into config.json
-    state.update({k: saved[k] for k in state if k in saved and k != "shadow_params"})
+    step = saved.get("optimization_step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{ema_dir / 'config.json'}: optimization_step must be an int >= 0, got {step!r}")
+    state = ema.state_dict()  # this run's decay, warmup, inv_gamma, power
+    state["optimization_step"] = step
     state["shadow_params"] = [weights[name].to(device, p.dtype) for name, p in model.named_parameters()]
     ema.load_state_dict(state)
+
+
+def _describe(changed: dict[str, tuple], step: int, cfg: TrainConfig) -> str:
+    parts = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    return (f"resuming at step {step} with changed settings, in effect from step {step + 1}: {parts}. "
+            f"The optimiser keeps its moments and takes lr {cfg.learning_rate:g}, betas "
+            f"({cfg.adam_beta1:g}, {cfg.adam_beta2:g}), weight decay {cfg.adam_weight_decay:g}, eps "
+            f"{cfg.adam_epsilon:g}; the {cfg.lr_scheduler} lr schedule runs to step {cfg.max_train_steps}")
 
 
 def load_checkpoint(tr: Trainer, ckpt: Path) -> None:
@@ -166,7 +182,14 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> None:
         tr.optimizer.load_state_dict(load_torch_state(opt_path))
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"{opt_path} does not match this run's optimizer: {exc}") from exc
-    tr.lr_scheduler.load_state_dict(load_torch_state(ckpt / "lr_scheduler.pt"))
+    apply_optimizer_settings(tr.optimizer, cfg)
+    sched_path = ckpt / "lr_scheduler.pt"
+    saved_schedule = load_torch_state(sched_path)
+    saved_position = saved_schedule.get("last_epoch") if isinstance(saved_schedule, dict) else None
+    if saved_position != step:
+        raise CheckpointError(f"{sched_path} is at step {saved_position!r} but the checkpoint at step {step}")
+    # rebuilt on the optimizer the schedule was made for (the unwrapped one, see trainer.setup)
+    tr.lr_scheduler = make_lr_scheduler(cfg, tr.lr_scheduler.optimizer, step)
 
     kd_path = ckpt / "kd_loss.safetensors"
     if kd_path.is_file():
@@ -177,5 +200,5 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> None:
     tr.consecutive_bad = int(state.get("consecutive_bad_steps", 0))
     tr.last_checkpoint = Path(ckpt)
     if changed:
-        tr.log.warning(f"resuming with changed settings: {', '.join(changed)}")
+        tr.log.warning(_describe(changed, step, cfg))
     tr.log.info(f"resumed from {ckpt} at step {step}")
