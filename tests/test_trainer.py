@@ -437,3 +437,39 @@ def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
     # step s runs at lr0 * (1 - (s - 1) / 8): the 8-step schedule from step 4 on
     for s in range(5, 9):
         assert lrs[s] > 0 and lrs[s] == pytest.approx(1e-3 * (1 - (s - 1) / 8)), s
+
+
+# --- a run that trains nothing fails (issue 10) --------------------------------------------------
+
+def test_run_whose_steps_are_all_skipped_raises(tmp_path):
+    tr = Trainer(make_config(tmp_path, max_train_steps=3, checkpointing_steps=1, max_bad_steps=10)).setup()
+    tr.teacher.register_forward_hook(_nan_teacher_hook(set(range(100))))
+    with pytest.raises(TrainingDivergedError, match=r"every one of the 3 steps of this run \(steps 1-3\) was skipped"):
+        tr.train()
+    assert not (tmp_path / "student").exists() and not list_checkpoints(tmp_path)
+    assert [r["skipped"] for r in read_metrics(tmp_path)] == [True, True, True]
+
+
+def test_resumed_run_whose_steps_are_all_skipped_raises(tmp_path):
+    distill(make_config(tmp_path, max_train_steps=4, checkpointing_steps=2), until_step=2)
+    tr = Trainer(make_config(tmp_path, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    tr.setup().teacher.register_forward_hook(_nan_teacher_hook(set(range(100))))
+    with pytest.raises(TrainingDivergedError, match=r"every one of the 2 steps of this run \(steps 3-4\)"):
+        tr.train()
+
+
+def test_cli_exits_non_zero_when_every_step_is_skipped(tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    from liftplace.cli import main
+
+    teacher = UNet2DModel.from_config(TEACHER)
+    with torch.no_grad():
+        teacher.conv_out.bias.fill_(float("nan"))  # every teacher output is NaN
+    teacher.save_pretrained(tmp_path / "nan_teacher")
+    rc = main(["distill", "--pretrained_model_name_or_path", str(tmp_path / "nan_teacher"), "--dataset_name",
+               "synthetic", "--resolution", "16", "--train_batch_size", "4", "--max_train_steps", "2",
+               "--student_width_mult", "0.5", "--validation_steps", "0", "--report_to", "none",
+               "--progress_bar", "false", "--output_dir", str(tmp_path / "run")])
+    assert rc == 1 and "every one of the 2 steps" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "student").exists()

@@ -35,7 +35,7 @@ from .stream import BatchStream, mix_seed
 
 
 class TrainingDivergedError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps, or every step of a run, had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -497,6 +497,7 @@ class Trainer:
         self._begin()
         stop = cfg.max_train_steps if until_step is None else min(until_step, cfg.max_train_steps)
         batches = self.stream.iterate(self.global_step * cfg.gradient_accumulation_steps)
+        first_step, skipped, reason = self.global_step, 0, None
         try:
             while self.global_step < stop:
                 t0 = time.perf_counter()
@@ -504,6 +505,7 @@ class Trainer:
                 with_stats = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
                 sums, reason = self._accumulate(batches, with_stats)
                 grad_norm, reason, lr = self._step_or_skip(reason)
+                skipped += reason is not None
                 self._stop_if_diverged(reason)
                 self._log_step(sums, reason, grad_norm, lr, time.perf_counter() - t0, with_stats)
                 self._after_step(reason)
@@ -512,6 +514,12 @@ class Trainer:
                 self._bar.close()
             if acc.log_with:
                 acc.end_training()
+        ran = self.global_step - first_step
+        if ran and skipped == ran:
+            raise TrainingDivergedError(
+                f"every one of the {ran} steps of this run (steps {first_step + 1}-{self.global_step}) was skipped: "
+                f"non-finite loss or gradient (last: {reason}); nothing was trained and nothing is exported. "
+                "Check the teacher, the data and the checkpoint resumed from, or lower learning_rate.")
         if self.global_step >= cfg.max_train_steps:
             for finish in self.end_of_run:
                 finish(self)
