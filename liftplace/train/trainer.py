@@ -4,8 +4,9 @@ One process runs without a launcher; the same code runs under ``accelerate launc
 Each optimizer step is accumulate -> step-or-skip -> log. Gradient accumulation is
 explicit (consecutive micro-batches of a deterministic stream, ``no_sync`` on all but
 the last), so a checkpoint is always taken at an optimizer-step boundary and resuming
-reproduces the uninterrupted run exactly. What a checkpoint holds and how a resume
-restores it is ``state.py``; the steps that close a finished run are ``finish.py``.
+reproduces the uninterrupted run exactly. The models and data come from ``build.py``;
+what a checkpoint holds and how a resume restores it is ``state.py``; the steps that close
+a finished run are ``finish.py``.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import clean_stale_temporaries
-from .config import ConfigError, TrainConfig, load_model_config
-from .data import make_dataset, random_hflip
+from .build import build_dataset, build_model_to_train, build_student, build_teacher
+from .config import ConfigError, TrainConfig
+from .data import random_hflip
 from .finish import export_model, resolve_steps, sample_grid
-from .models import (DTYPES, FeatureAdapters, FeatureTaps, ModelFamily, block_channels, build_from_config,
-                     compression_summary, count_parameters, get_family, load_pretrained, model_config_dict,
-                     resolve_model_dir, scheduler_config_near, select_feature_points)
+from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
+                     count_parameters, get_family, model_config_dict, select_feature_points)
 from .objective import DistillationLoss, NoiseObjective, make_noise_scheduler
 from .optim import make_lr_scheduler, make_optimizer
 from .state import load_checkpoint, resolve_resume, save_checkpoint
@@ -143,14 +144,15 @@ class Trainer:
         self.device = acc.device
         set_seed(cfg.seed)
         self.family = family = self._family_in or get_family(cfg.model_type)
-        self.end_of_run = resolve_steps(self._end_of_run_in if self._end_of_run_in is not None
-                                        else family.end_of_run)
+        self.end_of_run = (self._end_of_run_in if self._end_of_run_in is not None
+                           else resolve_steps(family.end_of_run))
 
         if self.role == "teacher":
-            self.teacher, self.student = None, self._build_teacher_to_train()
+            self.teacher = None
+            self.student = build_model_to_train(cfg, family, self.device, given=self._student_in)
         else:
-            self.teacher = self._build_teacher()
-            self.student = self._build_student()
+            self.teacher = build_teacher(cfg, family, self.device, self.log, given=self._teacher_in)
+            self.student = build_student(cfg, family, self.device, self.teacher, given=self._student_in)
         s_cfg = model_config_dict(self.student)
         shape = family.sample_shape(s_cfg, cfg.resolution)
         if self.teacher is not None:
@@ -197,7 +199,7 @@ class Trainer:
         self.loss_fn = DistillationLoss(cfg, family, self.objective, self.student, self.teacher,
                                         feature_taps=taps, adapters=self.adapters, teacher_cache=self.teacher_cache)
 
-        self.dataset = self._build_dataset(shape)
+        self.dataset = self._dataset_in if self._dataset_in is not None else build_dataset(cfg, shape[0])
         self.stream = BatchStream(self.dataset, cfg.train_batch_size, cfg.seed, num_replicas=acc.num_processes,
                                   rank=acc.process_index, num_workers=cfg.dataloader_num_workers)
         self.global_step = 0
@@ -205,86 +207,6 @@ class Trainer:
         self.consecutive_bad = 0
         self.last_checkpoint = None
         self.model_dir = None
-
-    def _build_teacher(self):
-        cfg = self.cfg
-        t = self._teacher_in
-        if t is None and cfg.pretrained_model_name_or_path is not None:
-            path = cfg.pretrained_model_name_or_path
-            t = load_pretrained(path, self.family, "teacher (pretrained_model_name_or_path)")
-            self._check_teacher_schedule(resolve_model_dir(path))
-        elif t is None and cfg.teacher_config is not None:
-            tc = load_model_config(cfg.teacher_config, "teacher_config")
-            t = build_from_config(tc, self.family, "teacher_config", seed=mix_seed(cfg.seed, 3))
-            self.log.warning("the teacher is built from teacher_config with random weights (tests/smoke runs only)")
-        if t is None:
-            return None
-        t = t.to(self.device)
-        if DTYPES[cfg.teacher_dtype] != torch.float32:
-            t = t.to(DTYPES[cfg.teacher_dtype])
-        t.eval().requires_grad_(False)
-        return t
-
-    def _check_teacher_schedule(self, model_dir: Path):
-        path = scheduler_config_near(model_dir)
-        if path is None:
-            return
-        saved = json.loads(path.read_text())
-        cfg = self.cfg
-        for key, mine in (("prediction_type", cfg.prediction_type), ("num_train_timesteps", cfg.ddpm_num_steps),
-                          ("beta_schedule", cfg.ddpm_beta_schedule)):
-            if key in saved and saved[key] != mine:
-                flag = {"num_train_timesteps": "ddpm_num_steps", "beta_schedule": "ddpm_beta_schedule"}.get(key, key)
-                raise ConfigError(f"the teacher was trained with {key}={saved[key]!r} ({path}) but this run uses "
-                                  f"{flag}={mine!r}; pass --{flag} {saved[key]}")
-
-    def _build_teacher_to_train(self):
-        cfg = self.cfg
-        m = self._student_in
-        if m is None and cfg.pretrained_model_name_or_path is not None:
-            m = load_pretrained(cfg.pretrained_model_name_or_path, self.family, "pretrained_model_name_or_path")
-        elif m is None and cfg.teacher_config is not None:
-            tc = load_model_config(cfg.teacher_config, "teacher_config")
-            m = build_from_config(tc, self.family, "teacher_config", seed=mix_seed(cfg.seed, 3))
-        elif m is None:
-            raise ConfigError("train-teacher needs the architecture: set teacher_config (a mapping or JSON file), "
-                              "or pretrained_model_name_or_path to continue from a model folder")
-        m = m.to(self.device)
-        if any(p.dtype != torch.float32 for p in m.parameters()):
-            m = m.float()
-        return m.train().requires_grad_(True)
-
-    def _build_student(self):
-        cfg = self.cfg
-        s = self._student_in
-        if s is None and cfg.student_model_name_or_path is not None:
-            s = load_pretrained(cfg.student_model_name_or_path, self.family, "student (student_model_name_or_path)")
-        elif s is None:
-            if cfg.student_config is not None:
-                sc = load_model_config(cfg.student_config, "student_config")
-            elif self.teacher is not None:
-                sc = self.family.derive_student_config(
-                    model_config_dict(self.teacher), width_mult=cfg.student_width_mult,
-                    layers_per_block=cfg.student_layers_per_block, attention=cfg.student_attention,
-                    norm_num_groups=cfg.student_norm_num_groups)
-            else:
-                raise ConfigError("no model to train: set student_config (or student_model_name_or_path), "
-                                  "or a teacher to derive the student from")
-            s = build_from_config(sc, self.family, "student", seed=mix_seed(cfg.seed, 1))
-        s = s.to(self.device)
-        if any(p.dtype != torch.float32 for p in s.parameters()):
-            s = s.float()
-        s.train().requires_grad_(True)
-        return s
-
-    def _build_dataset(self, shape):
-        if self._dataset_in is not None:
-            return self._dataset_in
-        cfg = self.cfg
-        name = cfg.train_data_dir or cfg.dataset_name
-        extra = {"center_crop": cfg.center_crop} if name not in ("digits", "synthetic") else {}
-        # seed=0: the digits train/held-out split stays the same whatever the training seed
-        return make_dataset(name, cfg.resolution, shape[0], split="train", seed=0, **extra)
 
     # --- logging ------------------------------------------------------------------------------
     def _truncate_metrics(self):
