@@ -9,8 +9,8 @@ writes per-bucket heat-maps of w_k and mean |a-1| for each run.
 
 import argparse
 
-from liftplace import demo
-from liftplace.plots import plot_bucket_heatmaps
+from liftplace.eval.demo import run_demo
+from liftplace.eval.plots import plot_bucket_heatmaps
 
 STUDENTS = (
     ("place", "PLACE, adaptive w", dict(kd_loss="place", kd_weight="adaptive")),
@@ -26,8 +26,8 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output_dir", default="runs/exp_timestep")
     args = parser.parse_args()
-    demo.STUDENTS = STUDENTS
-    report = demo.run_demo(output_dir=args.output_dir, seed=args.seed, steps=args.steps, threads=args.threads)
+    report = run_demo(output_dir=args.output_dir, seed=args.seed, steps=args.steps, threads=args.threads,
+                      students=STUDENTS)
     for folder, _, _ in STUDENTS:
         run = report.parent / folder
         for path in plot_bucket_heatmaps(run / "metrics.jsonl", report.parent, prefix=f"buckets_{folder}"):

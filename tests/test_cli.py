@@ -139,7 +139,7 @@ def test_run_whose_steps_are_all_skipped_exits_non_zero(tmp_path, capsys, monkey
     nan_from["call"] = 1  # every step of the resumed run (steps 3 and 4) is skipped
     rc = main(flags + ["--max_train_steps", "4", "--resume_from_checkpoint", "latest"])
     err = capsys.readouterr().err
-    assert rc == 1 and "all 2 steps of this run were skipped" in err, err
+    assert rc == 1 and "every one of the 2 steps of this run" in err, err
     calls.clear()
     nan_from["call"] = 2  # one good step, then skipped ones: the run did something
     assert main(flags + ["--max_train_steps", "6", "--resume_from_checkpoint", "latest"]) == 0
@@ -160,7 +160,7 @@ def test_cli_errors_name_the_key(tmp_path, capsys):
 
 
 def test_example_configs_are_valid():
-    from liftplace.demo import DEMO_BASE
+    from liftplace.eval.demo import DEMO_BASE
 
     files = sorted((REPO / "configs").glob("*.yaml"))
     assert len(files) >= 3

@@ -1,4 +1,4 @@
-"""Datasets, evaluation metrics and plots (liftplace.data, .metrics, .plots)."""
+"""Datasets, evaluation metrics and plots (liftplace.train.data, liftplace.eval.metrics, .plots)."""
 
 import json
 import math
@@ -8,15 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from liftplace.data import DigitsDataset, ImageFolderDataset, SyntheticDataset, make_dataset
-from liftplace.metrics import (
+from liftplace.eval.metrics import (
     DigitsClassifier,
     frechet_distance,
     sample_quality,
     teacher_agreement,
     train_digits_classifier,
 )
-from liftplace.plots import plot_heatmap, plot_training_curves, save_image_grid
+from liftplace.eval.plots import plot_heatmap, plot_training_curves, save_image_grid
+from liftplace.train.data import DigitsDataset, ImageFolderDataset, SyntheticDataset, make_dataset, random_hflip
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -65,13 +65,15 @@ def test_digits_split_deterministic_and_seeded():
     assert torch.equal(a.indices, DigitsDataset(resolution=12, split="test", seed=0).indices)
 
 
-def test_digits_random_flip():
-    ds = DigitsDataset(split="test", random_flip=True)
-    torch.manual_seed(0)
-    outs = [ds[0]["pixel_values"] for _ in range(32)]
-    flipped = [torch.equal(o, ds.images[0].flip(-1)) for o in outs]
-    plain = [torch.equal(o, ds.images[0]) for o in outs]
+def test_random_hflip_flips_each_image_or_not_from_the_generator():
+    images = DigitsDataset(split="test").images[:32]
+    out = random_hflip(images, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(o, x.flip(-1)) for o, x in zip(out, images)]
+    plain = [torch.equal(o, x) for o, x in zip(out, images)]
     assert any(flipped) and any(plain) and all(f or p for f, p in zip(flipped, plain))
+    # a function of the generator alone: the same seed flips the same images
+    assert torch.equal(out, random_hflip(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, random_hflip(images, torch.Generator().manual_seed(1)))
 
 
 def test_digits_bad_arguments():
@@ -96,7 +98,7 @@ def test_image_folder_loading(tmp_path):
     _write_images(tmp_path / "imgs", [(40, 30), (24, 24), (17, 50)])
     _write_images(tmp_path / "imgs" / "sub", [(20, 20)], mode="L")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
-    ds = ImageFolderDataset(tmp_path / "imgs", resolution=16, channels=3, random_flip=False)
+    ds = ImageFolderDataset(tmp_path / "imgs", resolution=16, channels=3)
     assert len(ds) == 4  # recursive, text file ignored
     for i in range(len(ds)):
         item = ds[i]
@@ -107,18 +109,16 @@ def test_image_folder_loading(tmp_path):
     assert gray[0]["pixel_values"].shape == (1, 8, 8)
 
 
-def test_image_folder_exact_values_and_flip(tmp_path):
+def test_image_folder_exact_values(tmp_path):
     # A 16x16 image at resolution 16: no resize, no crop, so values map exactly.
     arr = np.arange(256, dtype=np.uint8).reshape(16, 16)
     (tmp_path / "f").mkdir()
     Image.fromarray(arr).save(tmp_path / "f" / "a.png")
-    ds = ImageFolderDataset(tmp_path / "f", resolution=16, channels=1, random_flip=False)
+    ds = ImageFolderDataset(tmp_path / "f", resolution=16, channels=1)
     expected = torch.from_numpy(arr.astype(np.float32)) / 127.5 - 1
     torch.testing.assert_close(ds[0]["pixel_values"][0], expected)
-    flip = ImageFolderDataset(tmp_path / "f", resolution=16, channels=1, random_flip=True)
-    torch.manual_seed(0)
-    seen = {bool(torch.equal(flip[0]["pixel_values"][0], expected.flip(-1))) for _ in range(32)}
-    assert seen == {True, False}
+    # the dataset never flips (the trainer does, with random_hflip)
+    assert all(torch.equal(ds[0]["pixel_values"][0], expected) for _ in range(8))
 
 
 def test_image_folder_random_crop_within_image(tmp_path):
@@ -127,11 +127,11 @@ def test_image_folder_random_crop_within_image(tmp_path):
     (tmp_path / "w").mkdir()
     Image.fromarray(arr).save(tmp_path / "w" / "a.png")
     ds = ImageFolderDataset(tmp_path / "w", resolution=16, channels=1,
-                            center_crop=False, random_flip=False)
+                            center_crop=False)
     torch.manual_seed(0)
     starts = {int(round((float(ds[0]["pixel_values"][0, 0, 0]) + 1) * 127.5)) // 4 for _ in range(20)}
     assert len(starts) > 1 and all(0 <= s <= 48 for s in starts)
-    center = ImageFolderDataset(tmp_path / "w", resolution=16, channels=1, random_flip=False)
+    center = ImageFolderDataset(tmp_path / "w", resolution=16, channels=1)
     assert int(round((float(center[0]["pixel_values"][0, 0, 0]) + 1) * 127.5)) == 24 * 4
 
 
@@ -169,8 +169,8 @@ def test_make_dataset(tmp_path):
     assert isinstance(s_train, SyntheticDataset) and s_train.images.shape == (5, 3, 8, 8)
     assert not torch.equal(s_train.images, s_test.images)
     _write_images(tmp_path / "folder", [(20, 20)])
-    f = make_dataset(str(tmp_path / "folder"), 16, 3, random_flip=True, center_crop=False)
-    assert isinstance(f, ImageFolderDataset) and f.random_flip and not f.center_crop
+    f = make_dataset(str(tmp_path / "folder"), 16, 3, center_crop=False)
+    assert isinstance(f, ImageFolderDataset) and not f.center_crop
     assert f[0]["pixel_values"].shape == (3, 16, 16)
 
 

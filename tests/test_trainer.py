@@ -11,10 +11,14 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("accelerate")
 
+from safetensors.torch import load_file  # noqa: E402
+
 from liftplace.train import (CheckpointError, ConfigError, Trainer, TrainingDivergedError,  # noqa: E402
                              build_config, derive_student_config, distill)
 from liftplace.train.checkpoint import list_checkpoints, read_verified_state  # noqa: E402
-from liftplace.train.models import count_parameters, get_family  # noqa: E402
+from liftplace.train.data import SyntheticDataset  # noqa: E402
+from liftplace.train.models import UNet2DFamily, count_parameters, get_family  # noqa: E402
+from liftplace.train.objective import TeacherOutputCache  # noqa: E402
 from liftplace.train.sampling import ddim_sample, ddim_scheduler_from  # noqa: E402
 
 from testing import TINY_UNET as TEACHER  # noqa: E402
@@ -278,8 +282,6 @@ def test_config_precedence_defaults_file_cli(tmp_path):
 
 
 def test_shared_teacher_cache_changes_nothing(tmp_path):
-    from liftplace.train.objective import TeacherOutputCache
-
     cache = TeacherOutputCache()
     distill(make_config(tmp_path / "a", kd_loss="output", max_train_steps=3), teacher_cache=cache)
     assert cache.misses == 3 and cache.hits == 0
@@ -290,6 +292,23 @@ def test_shared_teacher_cache_changes_nothing(tmp_path):
         return [{k: v for k, v in r.items() if k not in ("step_time", "samples_per_second")}
                 for r in read_metrics(tmp_path / run)]
     assert losses("b") == losses("c")  # bitwise: cached teacher outputs equal recomputed ones
+
+
+def test_teacher_cache_digest_covers_cond():
+    cache = TeacherOutputCache()
+    x, t = torch.randn(2, 1, 4, 4), torch.tensor([3, 5])
+    assert cache.digest(x, t, {}) == cache.digest(x, t)
+    assert cache.digest(x, t, {"label": torch.tensor([1, 2])}) != cache.digest(x, t, {"label": torch.tensor([1, 3])})
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return x * len(calls)
+
+    a = cache.fetch(x, t, {"label": torch.tensor([1, 2])}, compute, key=0)
+    assert torch.equal(cache.fetch(x, t, {"label": torch.tensor([1, 2])}, compute, key=0), a) and len(calls) == 1
+    b = cache.fetch(x, t, {"label": torch.tensor([1, 3])}, compute, key=0)  # same key, other cond: recomputed
+    assert len(calls) == 2 and not torch.equal(a, b)
 
 
 def test_teacher_in_bf16(tmp_path):
@@ -313,3 +332,144 @@ def test_image_folder_dataset_rgb(tmp_path):
     res = distill(make_config(tmp_path / "run", teacher_config=rgb, train_data_dir=str(tmp_path / "images"),
                               random_flip=True, max_train_steps=2))
     assert res.global_step == 2 and all(math.isfinite(r["loss"]) for r in read_metrics(tmp_path / "run"))
+
+
+# --- conditioning: batch -> family.forward --------------------------------------------------------
+
+class _LabelledFamily(UNet2DFamily):
+    """The U-Net family, taking each batch's "label" as conditioning and recording what it got."""
+
+    name = "labelled-unet2d"
+    cond_keys = ("label",)
+
+    def __init__(self):
+        self.calls = []
+
+    def forward(self, model, noisy, timesteps, cond):
+        self.calls.append((model, dict(cond)))
+        return super().forward(model, noisy, timesteps, cond)
+
+
+class _LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, n=8, with_label=True):
+        self.images = SyntheticDataset(num_samples=n, resolution=16).images
+        self.with_label = with_label
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        item = {"pixel_values": self.images[i]}
+        if self.with_label:
+            item["label"] = 100 + i
+        return item
+
+
+def test_cond_keys_flow_from_the_batch_to_teacher_and_student(tmp_path):
+    family = _LabelledFamily()
+    tr = Trainer(make_config(tmp_path, max_train_steps=2, use_ema=False), family=family,
+                 train_dataset=_LabelledImages(), end_of_run=["export"]).setup()
+    res = tr.train()
+    expected = [torch.tensor(b) + 100 for b in tr.stream.epoch_batches(0)[:2]]
+    for who in (tr.teacher, tr.student):
+        seen = [cond["label"] for model, cond in family.calls if model is who]
+        assert len(seen) == 2, who
+        for got, want in zip(seen, expected):
+            assert torch.equal(got.cpu(), want)
+    # the end-of-run steps are the ones asked for: an export, no sample grid
+    assert res.model_dir == tmp_path / "student" and res.model_dir.is_dir()
+    assert not (tmp_path / "samples").exists()
+
+    with pytest.raises(ConfigError, match=r"takes 'label' from the batch as conditioning.*pixel_values"):
+        distill(make_config(tmp_path / "nolabel", max_train_steps=1), family=_LabelledFamily(),
+                train_dataset=_LabelledImages(with_label=False))
+
+
+def test_end_of_run_steps_are_chosen_by_the_caller(tmp_path):
+    ran = []
+    res = distill(make_config(tmp_path, max_train_steps=1, use_ema=False), end_of_run=[lambda tr: ran.append(tr)])
+    assert len(ran) == 1 and res.model_dir is None and not (tmp_path / "student").exists()
+    with pytest.raises(ValueError, match="unknown end-of-run step 'plot'"):
+        Trainer(make_config(tmp_path), end_of_run=["plot"])
+
+
+# --- resume with changed settings (issue 10) -------------------------------------------------------
+
+def test_resume_applies_changed_optimizer_settings(tmp_path, caplog):
+    kw = dict(max_train_steps=6, checkpointing_steps=3, lr_scheduler="cosine", lr_warmup_steps=0)
+    distill(make_config(tmp_path, **kw), until_step=3)
+    saved = torch.load(tmp_path / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    changed = dict(learning_rate=1e-5, adam_beta1=0.5, adam_weight_decay=0.5, adam_epsilon=1e-6, ema_decay=0.5)
+    tr = Trainer(make_config(tmp_path, resume_from_checkpoint="latest", **changed, **kw))
+    tr.train(until_step=3)  # resume only: no step taken
+    # the EMA keeps its weights and step count and takes the new decay
+    ema_saved = load_file(str(tmp_path / "checkpoint-3" / "student_ema" / "diffusion_pytorch_model.safetensors"))
+    names = [n for n, _ in tr.student.named_parameters()]
+    assert all(torch.equal(p, ema_saved[n]) for n, p in zip(names, tr.ema.shadow_params))
+    assert tr.ema.optimization_step == 3 and tr.ema.decay == 0.5
+    for group in tr.optimizer.param_groups:
+        assert group["betas"] == (0.5, 0.999) and group["weight_decay"] == 0.5 and group["eps"] == 1e-6
+        assert group["initial_lr"] == 1e-5
+    # the cosine schedule continues from step 3 of 6 at the new lr: factor 0.5 for step 4
+    assert tr.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert tr.optimizer.param_groups[0]["lr"] == tr.lr_scheduler.get_last_lr()[0]
+    # the moments are the checkpoint's
+    state = tr.optimizer.state_dict()["state"]
+    assert all(torch.equal(state[i]["exp_avg"], saved["state"][i]["exp_avg"]) for i in saved["state"])
+    message = " ".join(r.getMessage() for r in caplog.records)
+    assert "learning_rate 0.001 -> 1e-05" in message and "adam_beta1 0.9 -> 0.5" in message
+    assert "in effect from step 4" in message
+    # config.yaml records what is in effect, and the next step uses it
+    res = distill(make_config(tmp_path, resume_from_checkpoint="latest", **changed, **kw))
+    assert build_config(tmp_path / "config.yaml").learning_rate == 1e-5
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    assert lrs[3] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
+    assert lrs[4] == pytest.approx(1e-5 * 0.5 * (1 + math.cos(math.pi * 3 / 6)))
+    assert res.global_step == 6
+
+
+def test_resume_with_more_steps_rebuilds_the_schedule(tmp_path):
+    kw = dict(checkpointing_steps=4, lr_scheduler="linear", lr_warmup_steps=0)
+    distill(make_config(tmp_path, max_train_steps=4, **kw))  # linear: lr reaches 0 after step 4
+    distill(make_config(tmp_path, max_train_steps=8, resume_from_checkpoint="latest", **kw))
+    lrs = {r["step"]: r["lr"] for r in read_metrics(tmp_path)}
+    assert sorted(lrs) == list(range(1, 9))
+    # step s runs at lr0 * (1 - (s - 1) / 8): the 8-step schedule from step 4 on
+    for s in range(5, 9):
+        assert lrs[s] > 0 and lrs[s] == pytest.approx(1e-3 * (1 - (s - 1) / 8)), s
+
+
+# --- a run that trains nothing fails (issue 10) --------------------------------------------------
+
+def test_run_whose_steps_are_all_skipped_raises(tmp_path):
+    tr = Trainer(make_config(tmp_path, max_train_steps=3, checkpointing_steps=1, max_bad_steps=10)).setup()
+    tr.teacher.register_forward_hook(_nan_teacher_hook(set(range(100))))
+    with pytest.raises(TrainingDivergedError, match=r"every one of the 3 steps of this run \(steps 1-3\) was skipped"):
+        tr.train()
+    assert not (tmp_path / "student").exists() and not list_checkpoints(tmp_path)
+    assert [r["skipped"] for r in read_metrics(tmp_path)] == [True, True, True]
+
+
+def test_resumed_run_whose_steps_are_all_skipped_raises(tmp_path):
+    distill(make_config(tmp_path, max_train_steps=4, checkpointing_steps=2), until_step=2)
+    tr = Trainer(make_config(tmp_path, max_train_steps=4, checkpointing_steps=2, resume_from_checkpoint="latest"))
+    tr.setup().teacher.register_forward_hook(_nan_teacher_hook(set(range(100))))
+    with pytest.raises(TrainingDivergedError, match=r"every one of the 2 steps of this run \(steps 3-4\)"):
+        tr.train()
+
+
+def test_cli_exits_non_zero_when_every_step_is_skipped(tmp_path, capsys):
+    from diffusers import UNet2DModel
+
+    from liftplace.cli import main
+
+    teacher = UNet2DModel.from_config(TEACHER)
+    with torch.no_grad():
+        teacher.conv_out.bias.fill_(float("nan"))  # every teacher output is NaN
+    teacher.save_pretrained(tmp_path / "nan_teacher")
+    rc = main(["distill", "--pretrained_model_name_or_path", str(tmp_path / "nan_teacher"), "--dataset_name",
+               "synthetic", "--resolution", "16", "--train_batch_size", "4", "--max_train_steps", "2",
+               "--student_width_mult", "0.5", "--validation_steps", "0", "--report_to", "none",
+               "--progress_bar", "false", "--output_dir", str(tmp_path / "run")])
+    assert rc == 1 and "every one of the 2 steps" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "student").exists()

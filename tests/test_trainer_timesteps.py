@@ -46,7 +46,7 @@ def test_other_weights_still_log_bucket_statistics(tmp_path):
 
 
 def test_bucket_heatmaps_from_metrics(tmp_path):
-    from liftplace.plots import plot_bucket_heatmaps
+    from liftplace.eval.plots import plot_bucket_heatmaps
 
     tr = Trainer(make_config(tmp_path, kd_weight="adaptive-timestep")).setup()
     tr.train()

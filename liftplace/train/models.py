@@ -24,6 +24,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 BUILTIN_MODELS = {"digits": ASSETS / "digits_teacher"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _PRIVATE_KEYS = ("_class_name", "_diffusers_version", "_name_or_path", "_use_default_values")
+# The config's dtype names (teacher_dtype, export_dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -31,16 +33,24 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class ModelFamily:
-    """How the trainer builds, calls and shrinks one kind of denoiser."""
+    """How the trainer builds, calls and shrinks one kind of denoiser.
+
+    ``cond_keys`` names the batch entries the family takes as conditioning: the trainer
+    hands ``{key: batch[key]}`` to :meth:`forward` of teacher and student alike.
+    ``end_of_run`` names the steps that close a finished run (see ``finish.py``).
+    """
 
     name: str
     class_names: tuple[str, ...]
+    cond_keys: tuple[str, ...] = ()
+    end_of_run: tuple[str, ...] = ("sample_grid", "export", "bucket_heatmaps")
 
     def model_class(self):
         raise NotImplementedError
 
     def forward(self, model: nn.Module, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
-        """Denoiser output for ``noisy`` at ``timesteps`` under conditioning ``cond``."""
+        """Denoiser output for ``noisy`` at ``timesteps`` under conditioning ``cond``
+        (the batch entries named by ``cond_keys``; empty for an unconditional family)."""
         raise NotImplementedError
 
     def sample_shape(self, config: dict, resolution: int | None = None) -> tuple[int, ...]:

@@ -12,6 +12,8 @@ U-Net: latent models encode before the objective, conditional ones pass ``cond``
 from __future__ import annotations
 
 import contextlib
+import hashlib
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -76,29 +78,37 @@ class StepTerms:
 
 
 class TeacherOutputCache:
-    """Teacher outputs keyed by micro-batch number, verified against a digest of the input.
+    """Teacher outputs keyed by micro-batch number (or by the input digest itself),
+    verified against a digest of the whole input: noisy sample, timesteps and conditioning.
 
     Runs that share seed, data and schedule feed the teacher bitwise-identical inputs, so
     a second run can reuse the first run's teacher outputs (the demo distils three
-    students this way). A lookup whose input digest differs recomputes, so reuse can
-    never change a result. Holds everything in memory: size it to the run.
+    students this way, and memoises the teacher on its held-out inputs). A lookup whose
+    input digest differs recomputes, so reuse can never change a result. Holds
+    everything in memory: size it to the run.
     """
 
     def __init__(self):
-        self.entries: dict[int, tuple[bytes, Tensor]] = {}
+        self.entries: dict[Hashable, tuple[bytes, Tensor]] = {}
         self.hits = 0
         self.misses = 0
 
     @staticmethod
-    def digest(noisy: Tensor, timesteps: Tensor) -> bytes:
-        import hashlib
-
+    def digest(noisy: Tensor, timesteps: Tensor, cond: dict | None = None) -> bytes:
         h = hashlib.blake2b(digest_size=16)
         h.update(noisy.detach().float().cpu().contiguous().numpy().tobytes())
         h.update(timesteps.detach().cpu().numpy().tobytes())
+        for name in sorted(cond or {}):
+            value = cond[name]
+            h.update(name.encode())
+            if isinstance(value, Tensor):
+                h.update(str(value.dtype).encode() + str(tuple(value.shape)).encode())
+                h.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            else:
+                h.update(repr(value).encode())
         return h.digest()
 
-    def get(self, key: int, digest: bytes) -> Tensor | None:
+    def get(self, key: Hashable, digest: bytes) -> Tensor | None:
         hit = self.entries.get(key)
         if hit is not None and hit[0] == digest:
             self.hits += 1
@@ -106,8 +116,20 @@ class TeacherOutputCache:
         self.misses += 1
         return None
 
-    def put(self, key: int, digest: bytes, output: Tensor) -> None:
+    def put(self, key: Hashable, digest: bytes, output: Tensor) -> None:
         self.entries[key] = (digest, output.detach())
+
+    def fetch(self, noisy: Tensor, timesteps: Tensor, cond: dict, compute: Callable[[], Tensor],
+              key: Hashable | None = None) -> Tensor:
+        """The cached output for this input, else ``compute()`` stored under ``key``
+        (default: the digest, for callers without a micro-batch number)."""
+        digest = self.digest(noisy, timesteps, cond)
+        key = digest if key is None else key
+        out = self.get(key, digest)
+        if out is None:
+            out = compute()
+            self.put(key, digest, out)
+        return out
 
 
 class DistillationLoss:
@@ -157,14 +179,15 @@ class DistillationLoss:
         y = None
         t_feats = None
         if self.uses_teacher:
-            cache = self.teacher_cache if (cache_key is not None and not self.taps) else None
-            digest = cache.digest(noisy, timesteps) if cache is not None else None
-            y = cache.get(cache_key, digest) if cache is not None else None
-            if y is None:
+            def compute():
                 with autocast():
-                    y = self.teacher_output(noisy, timesteps, cond)
-                if cache is not None:
-                    cache.put(cache_key, digest, y)
+                    return self.teacher_output(noisy, timesteps, cond)
+
+            # feature KD needs the teacher's hooks to fire, so it never reads the cache
+            if self.teacher_cache is not None and cache_key is not None and not self.taps:
+                y = self.teacher_cache.fetch(noisy, timesteps, cond, compute, key=cache_key)
+            else:
+                y = compute()
             t_feats = self.taps[0].pop() if self.taps else None
         with autocast():
             x = self.family.forward(self.student, noisy, timesteps, cond)

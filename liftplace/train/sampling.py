@@ -8,11 +8,14 @@ its seed only, not on the batch size or on how many images are drawn.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..eval.plots import save_image_grid
+from .checkpoint import read_verified_state
 from .models import (ModelFamily, family_for_config, load_pretrained, read_config, resolve_model_dir,
                      scheduler_config_near)
 
@@ -77,9 +80,7 @@ def _pil(arr: Tensor):
 
 
 def save_grid(images: Tensor, path, nrow: int | None = None) -> Path:
-    """One PNG grid of ``images`` in [-1, 1] (tiles upscaled for viewing); see ``liftplace.plots``."""
-    from ..plots import save_image_grid
-
+    """One PNG grid of ``images`` in [-1, 1] (tiles upscaled for viewing); see ``liftplace.eval.plots``."""
     return save_image_grid(images, path, nrow=nrow)
 
 
@@ -100,8 +101,6 @@ def load_for_sampling(path, *, prefer_ema: bool = True, default_family: str = "u
     ``student_ema``, else ``student``) or ``builtin:NAME``."""
     p = Path(str(path))
     if not str(path).startswith("builtin:") and p.is_dir() and (p / "trainer_state.json").is_file():
-        from .checkpoint import read_verified_state
-
         read_verified_state(p)
         sub = p / "student_ema" if prefer_ema and (p / "student_ema").is_dir() else p / "student"
         model_dir = sub
@@ -115,8 +114,6 @@ def load_for_sampling(path, *, prefer_ema: bool = True, default_family: str = "u
         from diffusers import DDPMScheduler
 
         sched_cfg = dict(DDPMScheduler().config)
-        import warnings
-
         warnings.warn(f"no scheduler_config.json next to {model_dir}; using DDPMScheduler defaults "
                       "(1000 linear steps, epsilon prediction)", stacklevel=2)
     else:

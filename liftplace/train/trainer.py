@@ -1,47 +1,42 @@
 """The distillation loop on ``accelerate.Accelerator``.
 
 One process runs without a launcher; the same code runs under ``accelerate launch``.
-Gradient accumulation is explicit (consecutive micro-batches of a deterministic
-stream, ``no_sync`` on all but the last), so a checkpoint is always taken at an
-optimizer-step boundary and resuming reproduces the uninterrupted run exactly.
+Each optimizer step is accumulate -> step-or-skip -> log. Gradient accumulation is
+explicit (consecutive micro-batches of a deterministic stream, ``no_sync`` on all but
+the last), so a checkpoint is always taken at an optimizer-step boundary and resuming
+reproduces the uninterrupted run exactly. The models and data come from ``build.py``;
+what a checkpoint holds and how a resume restores it is ``state.py``; the steps that close
+a finished run are ``finish.py``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
-import os
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .checkpoint import (CheckpointError, abandon_later_checkpoints, clean_stale_temporaries,
-                         compare_model_config, latest_checkpoint, load_safetensors_checked, load_torch_state,
-                         prune_checkpoints, read_verified_state, required_files, rng_state, set_rng_state,
-                         write_checkpoint)
-from .config import ConfigError, TrainConfig, load_model_config, load_yaml, validate_models
-from .models import (FeatureAdapters, FeatureTaps, block_channels, build_from_config, compression_summary,
-                     count_parameters, get_family, load_pretrained, model_config_dict, read_config,
-                     resolve_model_dir, scheduler_config_near, select_feature_points)
+from .checkpoint import abandon_later_checkpoints, clean_stale_temporaries
+from .build import build_dataset, build_model_to_train, build_student, build_teacher
+from .config import ConfigError, TrainConfig, validate_models
+from .data import random_hflip
+from .finish import export_model, resolve_steps, sample_grid
+from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
+                     count_parameters, get_family, model_config_dict, select_feature_points)
 from .objective import DistillationLoss, NoiseObjective, make_noise_scheduler
-from .sampling import ddim_sample, ddim_scheduler_from, save_grid
+from .optim import make_lr_scheduler, make_optimizer
+from .state import load_checkpoint, resolve_resume, save_checkpoint
 from .stream import BatchStream, mix_seed
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Changing these between a checkpoint and the resumed run would silently change the data
-# order, the noise or the model, so resume refuses.
-RESUME_CRITICAL = ("seed", "train_batch_size", "gradient_accumulation_steps", "dataset_name", "train_data_dir",
-                   "resolution", "random_flip", "model_type", "prediction_type", "ddpm_num_steps",
-                   "ddpm_beta_schedule", "use_ema", "kd_loss", "lambda_kd_feat", "kd_feat_layers")
 
 
 class TrainingDivergedError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss or gradient."""
+    """Too many consecutive steps, or every step of a run, had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -103,12 +98,15 @@ class Trainer:
     """Distil ``teacher`` into ``student`` (or, with ``kd_loss="none"`` and no teacher, train
     a model from scratch: ``liftplace train-teacher``).
 
-    Models and the dataset come from ``config``; tests may pass them in directly.
-    ``role`` names the final export folder (``output_dir/<role>``).
+    Models, the dataset and the model family come from ``config``; tests and programs may
+    pass them in directly. ``role`` names the final export folder (``output_dir/<role>``).
+    ``end_of_run`` lists the steps that close a finished run (names from
+    ``finish.END_OF_RUN`` or callables ``step(trainer)``); default: the family's.
     """
 
     def __init__(self, config: TrainConfig, *, teacher: nn.Module | None = None, student: nn.Module | None = None,
-                 train_dataset=None, role: str = "student", teacher_cache=None):
+                 train_dataset=None, role: str = "student", teacher_cache=None, family: ModelFamily | None = None,
+                 end_of_run: Sequence[str | Callable] | None = None):
         self.cfg = config.validate()
         self.role = role
         if role not in ("student", "teacher"):
@@ -117,6 +115,8 @@ class Trainer:
             raise ConfigError("training a teacher is plain diffusion training: kd_loss must be 'none' and "
                               "lambda_kd_feat 0")
         self._teacher_in, self._student_in, self._dataset_in = teacher, student, train_dataset
+        self._family_in = family
+        self._end_of_run_in = None if end_of_run is None else resolve_steps(end_of_run)
         self.teacher_cache = teacher_cache
         self.output_dir = Path(self.cfg.output_dir)
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -131,7 +131,6 @@ class Trainer:
 
     def _setup(self):
         from accelerate.utils import set_seed
-        from diffusers.optimization import get_scheduler
         from diffusers.training_utils import EMAModel
 
         cfg = self.cfg
@@ -145,13 +144,16 @@ class Trainer:
             self.log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
         self.device = acc.device
         set_seed(cfg.seed)
-        self.family = family = get_family(cfg.model_type)
+        self.family = family = self._family_in or get_family(cfg.model_type)
+        self.end_of_run = (self._end_of_run_in if self._end_of_run_in is not None
+                           else resolve_steps(family.end_of_run))
 
         if self.role == "teacher":
-            self.teacher, self.student = None, self._build_teacher_to_train()
+            self.teacher = None
+            self.student = build_model_to_train(cfg, family, self.device, given=self._student_in)
         else:
-            self.teacher = self._build_teacher()
-            self.student = self._build_student()
+            self.teacher = build_teacher(cfg, family, self.device, self.log, given=self._teacher_in)
+            self.student = build_student(cfg, family, self.device, self.teacher, given=self._student_in)
         s_cfg = model_config_dict(self.student)
         shape = family.sample_shape(s_cfg, cfg.resolution)
         if self.teacher is not None:
@@ -181,11 +183,8 @@ class Trainer:
             taps = (FeatureTaps(t_pts), FeatureTaps(s_pts))
 
         params = list(self.student.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
-        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-        # Not passed through accelerator.prepare: a prepared scheduler steps once per process.
-        self.lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-                                          num_training_steps=cfg.max_train_steps)
+        optimizer = make_optimizer(params, cfg)
+        self.lr_scheduler = make_lr_scheduler(cfg, optimizer)
         if self.adapters is not None:
             self.student, self.adapters, self.optimizer = acc.prepare(self.student, self.adapters, optimizer)
         else:
@@ -201,221 +200,14 @@ class Trainer:
         self.loss_fn = DistillationLoss(cfg, family, self.objective, self.student, self.teacher,
                                         feature_taps=taps, adapters=self.adapters, teacher_cache=self.teacher_cache)
 
-        self.dataset = self._build_dataset(shape)
+        self.dataset = self._dataset_in if self._dataset_in is not None else build_dataset(cfg, shape[0])
         self.stream = BatchStream(self.dataset, cfg.train_batch_size, cfg.seed, num_replicas=acc.num_processes,
                                   rank=acc.process_index, num_workers=cfg.dataloader_num_workers)
         self.global_step = 0
         self.bad_steps = 0
         self.consecutive_bad = 0
         self.last_checkpoint = None
-
-    def _build_teacher(self):
-        cfg = self.cfg
-        t = self._teacher_in
-        if t is None and cfg.pretrained_model_name_or_path is not None:
-            path = cfg.pretrained_model_name_or_path
-            t = load_pretrained(path, self.family, "teacher (pretrained_model_name_or_path)")
-            self._check_teacher_schedule(resolve_model_dir(path))
-        elif t is None and cfg.teacher_config is not None:
-            tc = load_model_config(cfg.teacher_config, "teacher_config")
-            t = build_from_config(tc, self.family, "teacher_config", seed=mix_seed(cfg.seed, 3))
-            self.log.warning("the teacher is built from teacher_config with random weights (tests/smoke runs only)")
-        if t is None:
-            return None
-        t = t.to(self.device)
-        if _DTYPES[cfg.teacher_dtype] != torch.float32:
-            t = t.to(_DTYPES[cfg.teacher_dtype])
-        t.eval().requires_grad_(False)
-        return t
-
-    def _check_teacher_schedule(self, model_dir: Path):
-        path = scheduler_config_near(model_dir)
-        if path is None:
-            return
-        saved = json.loads(path.read_text())
-        cfg = self.cfg
-        for key, mine in (("prediction_type", cfg.prediction_type), ("num_train_timesteps", cfg.ddpm_num_steps),
-                          ("beta_schedule", cfg.ddpm_beta_schedule)):
-            if key in saved and saved[key] != mine:
-                flag = {"num_train_timesteps": "ddpm_num_steps", "beta_schedule": "ddpm_beta_schedule"}.get(key, key)
-                raise ConfigError(f"the teacher was trained with {key}={saved[key]!r} ({path}) but this run uses "
-                                  f"{flag}={mine!r}; pass --{flag} {saved[key]}")
-
-    def _build_teacher_to_train(self):
-        cfg = self.cfg
-        m = self._student_in
-        if m is None and cfg.pretrained_model_name_or_path is not None:
-            m = load_pretrained(cfg.pretrained_model_name_or_path, self.family, "pretrained_model_name_or_path")
-        elif m is None and cfg.teacher_config is not None:
-            tc = load_model_config(cfg.teacher_config, "teacher_config")
-            m = build_from_config(tc, self.family, "teacher_config", seed=mix_seed(cfg.seed, 3))
-        elif m is None:
-            raise ConfigError("train-teacher needs the architecture: set teacher_config (a mapping or JSON file), "
-                              "or pretrained_model_name_or_path to continue from a model folder")
-        m = m.to(self.device)
-        if any(p.dtype != torch.float32 for p in m.parameters()):
-            m = m.float()
-        return m.train().requires_grad_(True)
-
-    def _build_student(self):
-        cfg = self.cfg
-        s = self._student_in
-        if s is None and cfg.student_model_name_or_path is not None:
-            s = load_pretrained(cfg.student_model_name_or_path, self.family, "student (student_model_name_or_path)")
-        elif s is None:
-            if cfg.student_config is not None:
-                sc = load_model_config(cfg.student_config, "student_config")
-            elif self.teacher is not None:
-                sc = self.family.derive_student_config(
-                    model_config_dict(self.teacher), width_mult=cfg.student_width_mult,
-                    layers_per_block=cfg.student_layers_per_block, attention=cfg.student_attention,
-                    norm_num_groups=cfg.student_norm_num_groups)
-            else:
-                raise ConfigError("no model to train: set student_config (or student_model_name_or_path), "
-                                  "or a teacher to derive the student from")
-            s = build_from_config(sc, self.family, "student", seed=mix_seed(cfg.seed, 1))
-        s = s.to(self.device)
-        if any(p.dtype != torch.float32 for p in s.parameters()):
-            s = s.float()
-        s.train().requires_grad_(True)
-        return s
-
-    def _build_dataset(self, shape):
-        if self._dataset_in is not None:
-            return self._dataset_in
-        from ..data import make_dataset
-
-        cfg = self.cfg
-        name = cfg.train_data_dir or cfg.dataset_name
-        extra = {"center_crop": cfg.center_crop} if name not in ("digits", "synthetic") else {}
-        # seed=0: the digits train/held-out split stays the same whatever the training seed
-        return make_dataset(name, cfg.resolution, shape[0], split="train", seed=0, random_flip=False, **extra)
-
-    # --- checkpoints --------------------------------------------------------------------------
-    def _trainer_state(self) -> dict:
-        import diffusers
-
-        return {
-            "global_step": self.global_step,
-            "micro_index": self.global_step * self.cfg.gradient_accumulation_steps,
-            "epoch": self.stream.position(self.global_step * self.cfg.gradient_accumulation_steps)[0],
-            "bad_steps": self.bad_steps,
-            "consecutive_bad_steps": self.consecutive_bad,
-            "num_processes": self.accelerator.num_processes,
-            "role": self.role,
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__},
-        }
-
-    def save_checkpoint(self) -> Path:
-        from safetensors.torch import save_file
-
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        path = None
-        if acc.is_main_process:
-            def writer(tmp: Path):
-                acc.unwrap_model(self.student).save_pretrained(tmp / "student", safe_serialization=True)
-                if self.ema is not None:
-                    self.ema.save_pretrained(tmp / "student_ema")
-                if self.adapters is not None:
-                    adapters = acc.unwrap_model(self.adapters)
-                    sd = {k: v.detach().cpu().contiguous() for k, v in adapters.state_dict().items()}
-                    save_file(sd, str(tmp / "adapters.safetensors"))
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-                # The KD loss's per-timestep-bucket EMA (adaptive-timestep), so a resume continues it.
-                save_file({k: v.detach().cpu().contiguous() for k, v in self.loss_fn.state_dict().items()},
-                          str(tmp / "kd_loss.safetensors"))
-                torch.save(rng_state(), tmp / "random_states.pt")
-                self.noise_scheduler.save_pretrained(str(tmp))
-                self.cfg.save_yaml(tmp / "config.yaml")
-                return self._trainer_state()
-
-            path = write_checkpoint(self.output_dir, self.global_step, writer)
-            removed = prune_checkpoints(self.output_dir, self.cfg.checkpoints_total_limit)
-            for p in removed:
-                self.log.info(f"removed old checkpoint {p}")
-            self.log.info(f"saved checkpoint {path}")
-        acc.wait_for_everyone()
-        self.last_checkpoint = self.output_dir / f"checkpoint-{self.global_step}"
-        return self.last_checkpoint
-
-    def _resolve_resume(self) -> Path | None:
-        r = self.cfg.resume_from_checkpoint
-        if r is None:
-            return None
-        if r == "latest":
-            p = latest_checkpoint(self.output_dir)
-            if p is None:
-                self.log.info(f"no checkpoint in {self.output_dir}; starting a new training run")
-            return p
-        p = Path(r)
-        if not p.is_dir():
-            raise CheckpointError(f"resume_from_checkpoint: checkpoint folder {r!r} does not exist")
-        return p
-
-    def load_checkpoint(self, ckpt: Path) -> None:
-        cfg = self.cfg
-        state = read_verified_state(ckpt, required_files(ema=self.ema is not None, adapters=self.adapters is not None,
-                                                         kd_state=cfg.kd_weight == "adaptive-timestep"))
-        saved_cfg_path = ckpt / "config.yaml"
-        try:
-            saved = load_yaml(saved_cfg_path)
-        except ConfigError as exc:
-            raise CheckpointError(f"{saved_cfg_path} cannot be used: {exc}") from exc
-        for key in RESUME_CRITICAL:
-            if key in saved and saved[key] != getattr(cfg, key):
-                raise CheckpointError(f"{saved_cfg_path} does not match this run: {key} is {saved[key]!r} in the "
-                                      f"checkpoint but {getattr(cfg, key)!r} now; resume with the same {key} "
-                                      "or start a new output_dir")
-        changed = [k for k in saved if k not in RESUME_CRITICAL and k != "resume_from_checkpoint"
-                   and saved[k] != getattr(cfg, k)]
-        if changed:
-            self.log.warning(f"resuming with changed settings: {', '.join(changed)}")
-        if state.get("num_processes", 1) != self.accelerator.num_processes:
-            raise CheckpointError(f"{ckpt / 'trainer_state.json'} was written by {state.get('num_processes')} "
-                                  f"process(es) but this run has {self.accelerator.num_processes}; the data "
-                                  "order would differ")
-
-        raw = self.accelerator.unwrap_model(self.student)
-        cur_cfg = model_config_dict(raw)
-        compare_model_config(ckpt / "student" / "config.json", read_config(ckpt / "student"), cur_cfg, "student")
-        weights = ckpt / "student" / "diffusion_pytorch_model.safetensors"
-        sd = load_safetensors_checked(weights, raw.state_dict(), "student")
-        raw.load_state_dict(sd)
-        if self.ema is not None:
-            ema_dir = ckpt / "student_ema"
-            if not ema_dir.is_dir():
-                raise CheckpointError(f"{ema_dir} is missing but use_ema is on")
-            ema_cfg = read_config(ema_dir)
-            compare_model_config(ema_dir / "config.json", ema_cfg, cur_cfg, "student")
-            named = dict(raw.named_parameters())
-            esd = load_safetensors_checked(ema_dir / "diffusion_pytorch_model.safetensors",
-                                           {k: v for k, v in raw.state_dict().items()}, "student EMA")
-            self.ema.shadow_params = [esd[k].to(self.device, p.dtype).clone() for k, p in named.items()]
-            self.ema.load_state_dict({k: ema_cfg[k] for k in ("decay", "min_decay", "optimization_step",
-                                                              "update_after_step", "use_ema_warmup",
-                                                              "inv_gamma", "power") if k in ema_cfg})
-        if self.adapters is not None:
-            ad = self.accelerator.unwrap_model(self.adapters)
-            asd = load_safetensors_checked(ckpt / "adapters.safetensors", ad.state_dict(), "feature adapters")
-            ad.load_state_dict(asd)
-        opt_path = ckpt / "optimizer.pt"
-        try:
-            self.optimizer.load_state_dict(load_torch_state(opt_path))
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"{opt_path} does not match this run's optimizer: {exc}") from exc
-        self.lr_scheduler.load_state_dict(load_torch_state(ckpt / "lr_scheduler.pt"))
-        kd_path = ckpt / "kd_loss.safetensors"
-        if kd_path.is_file():
-            expected = self.loss_fn.state_dict()
-            self.loss_fn.load_state_dict(load_safetensors_checked(kd_path, expected, "KD loss state"))
-        set_rng_state(load_torch_state(ckpt / "random_states.pt"))
-        self.global_step = int(state["global_step"])
-        self.bad_steps = int(state.get("bad_steps", 0))
-        self.consecutive_bad = int(state.get("consecutive_bad_steps", 0))
-        self.last_checkpoint = Path(ckpt)
-        self.log.info(f"resumed from {ckpt} at step {self.global_step}")
+        self.model_dir = None
 
     # --- logging ------------------------------------------------------------------------------
     def _truncate_metrics(self):
@@ -441,7 +233,15 @@ class Trainer:
                                   if isinstance(v, (int, float, torch.Tensor)) and k != "step"
                                   and _scalar(v) is not None}, step=record["step"])
 
-    # --- validation and export ------------------------------------------------------------------
+    # --- checkpoints (state.py) -----------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        self.last_checkpoint = save_checkpoint(self)
+        return self.last_checkpoint
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        load_checkpoint(self, ckpt)
+
+    # --- validation and export (finish.py) --------------------------------------------------------
     @contextlib.contextmanager
     def ema_weights(self):
         """Temporarily load the EMA weights into the student (no-op without EMA)."""
@@ -457,41 +257,10 @@ class Trainer:
             self.ema.restore(raw.parameters())
 
     def validate(self) -> Path | None:
-        if not self.accelerator.is_main_process:
-            return None
-        cfg = self.cfg
-        sched = ddim_scheduler_from(self.noise_scheduler.config)
-        with self.ema_weights() as model:
-            images = ddim_sample(self.family, model, sched, cfg.num_validation_images, self.sample_shape,
-                                 seed=cfg.seed, num_inference_steps=cfg.ddpm_num_inference_steps,
-                                 batch_size=cfg.num_validation_images, device=self.device)
-        path = save_grid(images, self.output_dir / "samples" / f"step-{self.global_step:06d}.png")
-        self.log.info(f"saved sample grid {path}")
-        return path
+        return sample_grid(self)
 
     def export(self) -> Path | None:
-        """Save the final (EMA) model with save_pretrained (safetensors) + scheduler_config.json."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return None
-        out = self.output_dir / self.role
-        with self.ema_weights() as model:
-            m = copy.deepcopy(model)
-        m = m.to(torch.device("cpu"))
-        if _DTYPES[self.cfg.export_dtype] != torch.float32:
-            m = m.to(_DTYPES[self.cfg.export_dtype])
-        tmp = self.output_dir / f".tmp-{self.role}-{os.getpid()}"
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        m.save_pretrained(str(tmp), safe_serialization=True)
-        self.noise_scheduler.save_pretrained(str(tmp))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        self.log.info(f"exported the final {'EMA ' if self.ema is not None else ''}{self.role} to {out}")
-        return out
+        return export_model(self)
 
     # --- the loop -------------------------------------------------------------------------------
     def _step_generator(self, micro_index: int) -> torch.Generator:
@@ -504,136 +273,181 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(acc.reduce(t, reduction="sum").item() > 0)
 
-    def train(self, until_step: int | None = None) -> TrainResult:
-        """Run to ``max_train_steps`` (or stop after ``until_step``, as if interrupted:
-        no export, for tests and time-boxed runs)."""
-        t_start = time.perf_counter()
-        self.setup()
+    def _inputs(self, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict]:
+        """Clean samples (flipped when ``random_flip``, coins from ``gen``) and the conditioning
+        the family takes from the batch (its ``cond_keys``)."""
+        clean = batch["pixel_values"].to(self.device)
+        if self.cfg.random_flip:
+            clean = random_hflip(clean, gen)
+        missing = [k for k in self.family.cond_keys if k not in batch]
+        if missing:
+            raise ConfigError(f"model family {self.family.name!r} takes {', '.join(map(repr, missing))} from the "
+                              f"batch as conditioning, but the dataset's items have only {', '.join(batch)}")
+        cond = {k: batch[k].to(self.device) if isinstance(batch[k], Tensor) else batch[k]
+                for k in self.family.cond_keys}
+        return clean, cond
+
+    def _accumulate(self, batches: Iterator, with_stats: bool) -> tuple[dict[str, Tensor], str | None]:
+        """Forward and backward over the step's micro-batches: ``(mean terms, None)``, or
+        ``({}, reason)`` once one has a non-finite loss (the rest are read, not computed)."""
+        acc, accum = self.accelerator, self.cfg.gradient_accumulation_steps
+        sums: dict[str, Tensor] = {}
+        reason = None
+        for j in range(accum):
+            k, batch = next(batches)
+            if reason is not None:
+                continue  # keep the data position; nothing to compute for a skipped step
+            gen = self._step_generator(k)
+            clean, cond = self._inputs(batch, gen)
+            sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(self.student)
+            with sync:
+                out = self.loss_fn(clean, cond, gen, self.global_step, with_stats=with_stats,
+                                   autocast=acc.autocast, cache_key=k)
+                if self._any(not _finite(out.terms["loss"])):
+                    reason = f"loss is {float(out.terms['loss'])}"
+                    continue
+                acc.backward(out.loss / accum)
+            for name, v in out.terms.items():
+                sums[name] = sums.get(name, 0) + v / accum
+        return ({} if reason else sums), reason
+
+    def _step_or_skip(self, reason: str | None) -> tuple[Tensor | None, str | None, float]:
+        """Clip and take the optimizer (and EMA) step, or skip it when the loss or the gradient
+        norm is not finite; advance the lr schedule either way. ``(grad_norm, reason, lr)``."""
+        cfg, acc = self.cfg, self.accelerator
+        grad_norm = None
+        if reason is None:
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
+            if acc.scaler is None and self._any(not _finite(grad_norm)):
+                reason = f"gradient norm is {float(grad_norm)}"
+        step = self.global_step + 1
+        if reason is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            self.consecutive_bad += 1
+            self.log.warning(f"step {step}: non-finite training signal ({reason}); step skipped "
+                             f"({self.consecutive_bad} in a row, {self.bad_steps} in total)")
+        else:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.ema is not None:
+                self.ema.step(acc.unwrap_model(self.student).parameters())
+            self.consecutive_bad = 0
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.lr_scheduler.step()
+        self.global_step = step
+        return grad_norm, reason, lr
+
+    def _stop_if_diverged(self, reason: str | None) -> None:
+        if reason is None or self.consecutive_bad < self.cfg.max_bad_steps:
+            return
+        step = self.global_step
+        self._write_metrics({"step": step, "skipped": True, "bad_steps": self.bad_steps,
+                             "consecutive_bad_steps": self.consecutive_bad})
+        last = self.last_checkpoint
+        raise TrainingDivergedError(
+            f"stopped at step {step}: {self.consecutive_bad} consecutive steps had a non-finite loss or "
+            f"gradient (max_bad_steps={self.cfg.max_bad_steps}; last: {reason}). "
+            + (f"The last good checkpoint is {last} (step {last.name.split('-')[-1]}), untouched. "
+               if last is not None else "No checkpoint was written. ")
+            + "Lower learning_rate, keep max_grad_norm on, or check the teacher and the data.")
+
+    def _log_step(self, sums: dict[str, Tensor], reason: str | None, grad_norm, lr: float, dt: float,
+                  with_stats: bool) -> None:
+        cfg, step, accum = self.cfg, self.global_step, self.cfg.gradient_accumulation_steps
+        bad = reason is not None
+        loss_value = float(sums["loss"]) if not bad else float("nan")
+        if not bad:
+            self._loss_window.append(loss_value)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", bad=self.bad_steps, refresh=False)
+        if not (bad or with_stats):
+            return
+        record = {"step": step, "epoch": self.stream.position(step * accum - 1)[0]}
+        if not bad:
+            record["loss"] = sums.pop("loss")
+            record.update(sums)
+            window = self._loss_window
+            record["loss_avg"] = sum(window) / len(window) if window else None
+            self._loss_window = []
+        record.update({"lr": lr, "grad_norm": grad_norm, "step_time": dt,
+                       "samples_per_second": cfg.train_batch_size * accum * self.accelerator.num_processes / dt,
+                       "bad_steps": self.bad_steps, "consecutive_bad_steps": self.consecutive_bad, "skipped": bad})
+        self._write_metrics(record)
+
+    def _after_step(self, reason: str | None) -> None:
+        """Mid-run validation grid and checkpoint, on their schedules."""
+        cfg, step = self.cfg, self.global_step
+        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            self.validate()
+        if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
+            if reason is not None:  # keep the last checkpoint a good one: never save inside a bad streak
+                self.log.warning(f"step {step}: checkpoint not saved (the step was skipped)")
+            else:
+                self.save_checkpoint()
+
+    def _begin(self) -> None:
+        """Output folder, resume, config.yaml, trackers, progress bar."""
         cfg, acc = self.cfg, self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_temporaries(self.output_dir)
-        ckpt = self._resolve_resume()
+        ckpt = resolve_resume(cfg, self.output_dir, self.log)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
-        self.start_step = self.global_step
         if acc.is_main_process:
             abandon_later_checkpoints(self.output_dir, self.global_step, resumed_from=ckpt)
-            cfg.save_yaml(self.output_dir / "config.yaml")
+            cfg.save_yaml(self.output_dir / "config.yaml")  # every value in it is in effect (state.py)
             self._truncate_metrics()
         if acc.log_with:
             acc.init_trackers("liftplace", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                    for k, v in cfg.to_dict().items()})
-        stop = cfg.max_train_steps if until_step is None else min(until_step, cfg.max_train_steps)
-        accum = cfg.gradient_accumulation_steps
-        batches = self.stream.iterate(self.global_step * accum)
-
-        bar = None
+        self._bar = None
         if cfg.progress_bar and acc.is_local_main_process:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=cfg.max_train_steps, initial=self.global_step, desc=f"{self.role} {cfg.kd_loss}",
-                       unit="step", dynamic_ncols=True)
-        window = []
+            self._bar = tqdm(total=cfg.max_train_steps, initial=self.global_step, desc=f"{self.role} {cfg.kd_loss}",
+                             unit="step", dynamic_ncols=True)
+        self._loss_window = []
+
+    def train(self, until_step: int | None = None) -> TrainResult:
+        """Run to ``max_train_steps`` (or stop after ``until_step``, as if interrupted:
+        no end-of-run steps, for tests and time-boxed runs)."""
+        t_start = time.perf_counter()
+        self.setup()
+        cfg, acc = self.cfg, self.accelerator
+        self._begin()
+        stop = cfg.max_train_steps if until_step is None else min(until_step, cfg.max_train_steps)
+        batches = self.stream.iterate(self.global_step * cfg.gradient_accumulation_steps)
+        first_step, skipped, reason = self.global_step, 0, None
         try:
             while self.global_step < stop:
                 t0 = time.perf_counter()
                 step = self.global_step + 1
-                want_stats = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
-                sums: dict[str, torch.Tensor] = {}
-                bad, reason = False, ""
-                for j in range(accum):
-                    k, batch = next(batches)
-                    if bad:
-                        continue  # keep the data position; nothing to compute for a skipped step
-                    gen = self._step_generator(k)
-                    clean = batch["pixel_values"].to(self.device)
-                    if cfg.random_flip:
-                        flip = (torch.rand(clean.shape[0], generator=gen) < 0.5).to(self.device)
-                        clean = torch.where(flip.view(-1, *([1] * (clean.dim() - 1))), clean.flip(-1), clean)
-                    sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(self.student)
-                    with sync:
-                        out = self.loss_fn(clean, {}, gen, self.global_step, with_stats=want_stats,
-                                           autocast=acc.autocast, cache_key=k)
-                        if self._any(not _finite(out.terms["loss"])):
-                            bad, reason = True, f"loss is {float(out.terms['loss'])}"
-                            continue
-                        acc.backward(out.loss / accum)
-                    for name, v in out.terms.items():
-                        sums[name] = sums.get(name, 0) + v / accum
-                grad_norm = None
-                if not bad:
-                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                    grad_norm = acc.clip_grad_norm_(self.trainable, max_norm)
-                    if acc.scaler is None and self._any(not _finite(grad_norm)):
-                        bad, reason = True, f"gradient norm is {float(grad_norm)}"
-                if bad:
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.bad_steps += 1
-                    self.consecutive_bad += 1
-                    self.log.warning(f"step {step}: non-finite training signal ({reason}); step skipped "
-                                     f"({self.consecutive_bad} in a row, {self.bad_steps} in total)")
-                else:
-                    self.optimizer.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    if self.ema is not None:
-                        self.ema.step(acc.unwrap_model(self.student).parameters())
-                    self.consecutive_bad = 0
-                lr = self.lr_scheduler.get_last_lr()[0]
-                self.lr_scheduler.step()
-                self.global_step = step
-                dt = time.perf_counter() - t0
-
-                if bad and self.consecutive_bad >= cfg.max_bad_steps:
-                    self._write_metrics({"step": step, "skipped": True, "bad_steps": self.bad_steps,
-                                         "consecutive_bad_steps": self.consecutive_bad})
-                    last = self.last_checkpoint
-                    raise TrainingDivergedError(
-                        f"stopped at step {step}: {self.consecutive_bad} consecutive steps had a non-finite loss or "
-                        f"gradient (max_bad_steps={cfg.max_bad_steps}; last: {reason}). "
-                        + (f"The last good checkpoint is {last} (step {last.name.split('-')[-1]}), untouched. "
-                           if last is not None else "No checkpoint was written. ")
-                        + "Lower learning_rate, keep max_grad_norm on, or check the teacher and the data.")
-                loss_value = float(sums["loss"]) if not bad else float("nan")
-                if not bad:
-                    window.append(loss_value)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_value:.4g}", lr=f"{lr:.2e}", bad=self.bad_steps, refresh=False)
-                if bad or want_stats:
-                    record = {"step": step, "epoch": self.stream.position(step * accum - 1)[0]}
-                    if not bad:
-                        record["loss"] = sums.pop("loss")
-                        record.update(sums)
-                        record["loss_avg"] = sum(window) / len(window) if window else None
-                        window = []
-                    record.update({"lr": lr, "grad_norm": grad_norm, "step_time": dt,
-                                   "samples_per_second": cfg.train_batch_size * accum * acc.num_processes / dt,
-                                   "bad_steps": self.bad_steps, "consecutive_bad_steps": self.consecutive_bad,
-                                   "skipped": bad})
-                    self._write_metrics(record)
-                if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-                    self.validate()
-                if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
-                    if bad:  # keep the last checkpoint a good one: never save inside a bad streak
-                        self.log.warning(f"step {step}: checkpoint not saved (the step was skipped)")
-                    else:
-                        self.save_checkpoint()
+                with_stats = step % cfg.logging_steps == 0 or step == cfg.max_train_steps
+                sums, reason = self._accumulate(batches, with_stats)
+                grad_norm, reason, lr = self._step_or_skip(reason)
+                skipped += reason is not None
+                self._stop_if_diverged(reason)
+                self._log_step(sums, reason, grad_norm, lr, time.perf_counter() - t0, with_stats)
+                self._after_step(reason)
         finally:
-            if bar is not None:
-                bar.close()
+            if self._bar is not None:
+                self._bar.close()
             if acc.log_with:
                 acc.end_training()
-        model_dir = None
+        ran = self.global_step - first_step
+        if ran and skipped == ran:
+            raise TrainingDivergedError(
+                f"every one of the {ran} steps of this run (steps {first_step + 1}-{self.global_step}) was skipped: "
+                f"non-finite loss or gradient (last: {reason}); nothing was trained and nothing is exported. "
+                "Check the teacher, the data and the checkpoint resumed from, or lower learning_rate.")
         if self.global_step >= cfg.max_train_steps:
-            self.validate()
-            model_dir = self.export()
-            if acc.is_main_process:
-                from ..plots import plot_bucket_heatmaps
-
-                for path in plot_bucket_heatmaps(self.metrics_path, self.output_dir):
-                    self.log.info(f"saved per-timestep-bucket heat-map {path}")
-        return TrainResult(output_dir=self.output_dir, global_step=self.global_step, model_dir=model_dir,
+            for finish in self.end_of_run:
+                finish(self)
+        return TrainResult(output_dir=self.output_dir, global_step=self.global_step, model_dir=self.model_dir,
                            metrics_path=self.metrics_path, bad_steps=self.bad_steps,
                            last_checkpoint=self.last_checkpoint, wall_time=time.perf_counter() - t_start,
                            teacher_params=self.teacher_params, student_params=self.student_params)

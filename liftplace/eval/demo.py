@@ -14,11 +14,24 @@ import json
 import math
 import platform
 import shlex
+import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers import DDPMScheduler
+
+from ..loss import lift_place_loss
+from ..train.config import build_config
+from ..train.data import DigitsDataset
+from ..train.models import compression_summary, count_parameters
+from ..train.objective import TeacherOutputCache
+from ..train.sampling import ddim_sample, ddim_scheduler_from, load_for_sampling
+from ..train.trainer import Trainer
+from .metrics import sample_quality, teacher_agreement, train_digits_classifier
+from .plots import plot_training_curves, save_image_grid
 
 # Distillation settings shared by the three students (configs/digits_place.yaml mirrors them).
 DEMO_BASE = dict(
@@ -98,23 +111,20 @@ def _last_metrics(run_dir: Path) -> dict:
 
 
 class MemoModel(torch.nn.Module):
-    """Wraps a frozen model and memoises its outputs by an input digest, so the teacher runs
-    once on the held-out noisy inputs that every student is compared on."""
+    """Wraps a frozen model and memoises its outputs in a :class:`TeacherOutputCache` keyed by
+    the input digest, so the teacher runs once on the held-out noisy inputs that every
+    student is compared on."""
 
     def __init__(self, model: torch.nn.Module, family):
         super().__init__()
         self.inner = model
         self.family = family
-        self.memo: dict[bytes, torch.Tensor] = {}
+        self.cache = TeacherOutputCache()
 
     @torch.no_grad()
     def forward(self, sample, timesteps):
-        from .train.objective import TeacherOutputCache
-
-        key = TeacherOutputCache.digest(sample, timesteps)
-        if key not in self.memo:
-            self.memo[key] = self.family.forward(self.inner, sample, timesteps, {}).float()
-        return self.memo[key]
+        return self.cache.fetch(sample, timesteps, {},
+                                lambda: self.family.forward(self.inner, sample, timesteps, {}).float())
 
 
 @torch.no_grad()
@@ -123,9 +133,7 @@ def heldout_kd_losses(family, student, teacher, scheduler, images, *, num_timest
     """Both KD losses of ``student`` against ``teacher`` on held-out noisy inputs: output MSE
     (sum-reduced, as trained) and the PLACE loss with the paper's settings, averaged over
     evenly spaced timesteps. Noise, timesteps and batching follow
-    :func:`liftplace.metrics.teacher_agreement`, so a memoised teacher is reused."""
-    from .loss import lift_place_loss
-
+    :func:`liftplace.eval.metrics.teacher_agreement`, so a memoised teacher is reused."""
     T = scheduler.config.num_train_timesteps
     ts = torch.linspace(0, T - 1, num_timesteps).round().long().unique()
     g = torch.Generator().manual_seed(seed)
@@ -146,17 +154,10 @@ def heldout_kd_losses(family, student, teacher, scheduler, images, *, num_timest
 
 def run_demo(*, quick: bool = False, output_dir="runs/demo", seed: int = 0, steps: int | None = None,
              teacher: str = "builtin:digits", num_samples: int | None = None, threads: int | None = None,
-             argv: list[str] | None = None) -> Path:
-    """Run the demo; returns the path of ``report.md`` (also printed)."""
-    from .data import DigitsDataset
-    from .metrics import sample_quality, teacher_agreement, train_digits_classifier
-    from .plots import plot_training_curves, save_image_grid
-    from .train.config import build_config
-    from .train.models import compression_summary, count_parameters
-    from .train.objective import TeacherOutputCache
-    from .train.sampling import ddim_sample, ddim_scheduler_from, load_for_sampling
-    from .train.trainer import Trainer
-
+             argv: list[str] | None = None, students=STUDENTS) -> Path:
+    """Run the demo; returns the path of ``report.md`` (also printed). ``students`` lists
+    ``(folder, label, config overrides)`` per student, in report order; the demo's own
+    three by default (an experiment passes others, e.g. ``experiments/timestep_weight.py``)."""
     t_start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
@@ -180,18 +181,21 @@ def run_demo(*, quick: bool = False, output_dir="runs/demo", seed: int = 0, step
     # 2. three students, identical but for the KD loss
     cache = TeacherOutputCache()
     runs = {}
-    for name, label, kd in STUDENTS:
+    for name, label, kd in students:
         overrides = {**DEMO_BASE, **(QUICK if quick else {}), **kd}
         overrides.update(pretrained_model_name_or_path=teacher, seed=seed, max_train_steps=s.steps,
                          checkpointing_steps=s.steps, output_dir=str(out / name))
         cfg = build_config(None, overrides)
+        # Each demo run starts afresh in its own folder (the trainer would otherwise move an
+        # earlier demo's checkpoints aside into abandoned-* folders).
+        shutil.rmtree(out / name, ignore_errors=True)
         say(f"distilling student '{label}' ({s.steps} steps, batch {cfg.train_batch_size}, seed {seed})")
         t0 = time.perf_counter()
         res = Trainer(cfg, teacher_cache=cache).train()
         timings[name] = time.perf_counter() - t0
         runs[name] = (label, cfg, res)
         say(f"  done in {timings[name]:.1f} s -> {res.model_dir}")
-    say(compression_summary(teacher_params, runs["place"][2].student_params))
+    say(compression_summary(teacher_params, next(iter(runs.values()))[2].student_params))
 
     # 3. evaluation: classifier, samples, agreement
     t0 = time.perf_counter()
@@ -202,8 +206,6 @@ def run_demo(*, quick: bool = False, output_dir="runs/demo", seed: int = 0, step
     say(f"digits classifier: held-out accuracy {clf_acc:.4f} ({timings['classifier']:.1f} s)")
     n = s.num_samples
     sampler = ddim_scheduler_from(sched_cfg)
-    from diffusers import DDPMScheduler
-
     noise_sched = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
     real = heldout[:n]  # also the held-out inputs of the agreement measures
     rows = []
@@ -328,8 +330,6 @@ def _write_report(out: Path, rows, runs, s: DemoSettings, seed, teacher, t_dir, 
 def seed_summary(result_files) -> str:
     """A markdown table of mean ± sample std over several demo runs' ``results.json``
     (e.g. ``liftplace demo --seed 0/1/2``): Fréchet distance and held-out agreement per model."""
-    import statistics
-
     runs = [json.loads(Path(f).read_text()) for f in result_files]
     names = [r["name"] for r in runs[0]["rows"]]
     cols = (("Fréchet distance ↓", lambda r: r["quality"]["frechet"]),

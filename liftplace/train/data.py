@@ -1,8 +1,13 @@
 """Datasets for distillation runs: built-in digits, an image folder, synthetic fields.
 
 Every dataset returns ``{"pixel_values": Tensor[C, H, W] in [-1, 1], "label": int}``,
-the layout diffusers' training examples feed to a ``UNet2DModel``. Nothing is
-downloaded: ``digits`` is scikit-learn's bundled 8x8 digits set, upscaled.
+the layout diffusers' training examples feed to a ``UNet2DModel``; a model family
+names the keys beyond ``pixel_values`` it takes as conditioning (``cond_keys``).
+Nothing is downloaded: ``digits`` is scikit-learn's bundled 8x8 digits set, upscaled.
+
+The datasets do not flip: the horizontal flip is :func:`random_hflip`, applied by the
+trainer to a batch with the step's own generator, so a resumed run flips exactly as
+the uninterrupted one whatever the DataLoader workers.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ __all__ = [
     "ImageFolderDataset",
     "SyntheticDataset",
     "make_dataset",
+    "random_hflip",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -45,9 +51,11 @@ def _check_channels(channels) -> int:
     return channels
 
 
-def _coin(p: float = 0.5) -> bool:
-    # torch's global RNG: seeded by the trainer, and re-seeded per DataLoader worker.
-    return bool(torch.rand(()) < p)
+def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image of ``images`` (``[B, C, H, W]``) horizontally with probability 0.5,
+    the coins drawn from ``generator`` (a CPU generator; one draw of ``B`` values)."""
+    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+    return torch.where(flip.view(-1, *([1] * (images.dim() - 1))), images.flip(-1), images)
 
 
 class DigitsDataset(Dataset):
@@ -74,7 +82,6 @@ class DigitsDataset(Dataset):
         split: str = "train",
         holdout_fraction: float = 0.2,
         seed: int = 0,
-        random_flip: bool = False,
     ):
         from sklearn.datasets import load_digits  # bundled with scikit-learn; no download
 
@@ -84,7 +91,6 @@ class DigitsDataset(Dataset):
             raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction!r}")
         self.holdout_fraction = float(holdout_fraction)
         self.seed = int(seed)
-        self.random_flip = bool(random_flip)
 
         digits = load_digits()
         raw = torch.from_numpy(digits.images.astype(np.float32))  # [N, 8, 8], 0..16
@@ -116,10 +122,7 @@ class DigitsDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, i: int) -> dict:
-        x = self.images[i]
-        if self.random_flip and _coin():
-            x = x.flip(-1)
-        return {"pixel_values": x.clone(), "label": int(self.labels[i])}
+        return {"pixel_values": self.images[i].clone(), "label": int(self.labels[i])}
 
     def __repr__(self) -> str:
         return (f"DigitsDataset(split={self.split!r}, n={len(self)}, "
@@ -131,8 +134,7 @@ class ImageFolderDataset(Dataset):
 
     Each image is loaded with PIL, converted to ``"L"`` (``channels=1``) or ``"RGB"``
     (``channels=3``), its shorter side resized to ``resolution`` (bicubic), cropped
-    to a square (centre, or random when ``center_crop=False``), flipped horizontally
-    with probability 0.5 when ``random_flip``, and mapped to [-1, 1]:
+    to a square (centre, or random when ``center_crop=False``) and mapped to [-1, 1]:
     ``pixel_values`` is ``[channels, resolution, resolution]`` float32; ``label`` is 0.
     """
 
@@ -142,14 +144,12 @@ class ImageFolderDataset(Dataset):
         resolution: int,
         channels: int = 3,
         center_crop: bool = True,
-        random_flip: bool = True,
         extensions=IMAGE_EXTENSIONS,
     ):
         self.root = Path(root)
         self.resolution = _check_resolution(resolution)
         self.channels = _check_channels(channels)
         self.center_crop = bool(center_crop)
-        self.random_flip = bool(random_flip)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower()
                                 for e in extensions)
         if not self.root.is_dir():
@@ -199,8 +199,6 @@ class ImageFolderDataset(Dataset):
         x = torch.from_numpy(arr.copy())
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
         x = (x / 127.5 - 1.0).contiguous()
-        if self.random_flip and _coin():
-            x = x.flip(-1)
         return {"pixel_values": x, "label": 0}
 
     def __repr__(self) -> str:
@@ -285,7 +283,6 @@ def make_dataset(
     *,
     split: str = "train",
     seed: int = 0,
-    random_flip: bool = False,
     **kw,
 ) -> Dataset:
     """Build a dataset by name: ``"digits"``, ``"synthetic"``, or a path to an image folder.
@@ -293,7 +290,6 @@ def make_dataset(
     - ``"digits"``: :class:`DigitsDataset`; needs ``channels=1``; option ``holdout_fraction``.
     - ``"synthetic"``: :class:`SyntheticDataset`; option ``num_samples``. ``split="test"``
       draws from a different seed than ``"train"``/``"all"``, so the sets differ.
-      ``random_flip`` is ignored (the images are already random).
     - a directory: :class:`ImageFolderDataset`; options ``center_crop``, ``extensions``.
       The folder is the training set: ``"train"`` and ``"all"`` give every image,
       ``"test"`` is an error (pass a separate folder for evaluation).
@@ -309,8 +305,7 @@ def make_dataset(
                 f"the 'digits' dataset is grayscale (1 channel) but channels={channels!r}; "
                 "use models with in_channels=out_channels=1"
             )
-        return DigitsDataset(resolution=resolution, split=split, seed=seed,
-                             random_flip=random_flip, **kw)
+        return DigitsDataset(resolution=resolution, split=split, seed=seed, **kw)
     if name == "synthetic":
         _check_options("synthetic", kw)
         s = seed + _SYNTHETIC_TEST_SEED_OFFSET if split == "test" else seed
@@ -322,8 +317,7 @@ def make_dataset(
                 f"image folder {str(name)!r} has no held-out split (split='test'); "
                 "pass a separate folder for evaluation"
             )
-        return ImageFolderDataset(name, resolution, channels=channels,
-                                  random_flip=random_flip, **kw)
+        return ImageFolderDataset(name, resolution, channels=channels, **kw)
     raise ValueError(
         f"unknown dataset {str(name)!r}: expected 'digits', 'synthetic' or the path of an "
         f"existing image folder (no directory {str(name)!r} exists)"

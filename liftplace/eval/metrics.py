@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..train.data import DigitsDataset
+
 __all__ = [
     "DigitsClassifier",
     "frechet_distance",
@@ -118,8 +120,6 @@ def train_digits_classifier(
     Returns ``(model in eval mode, accuracy on DigitsDataset(split="test"))``, the
     accuracy a float in [0, 1]. Both splits use ``seed``, so they are disjoint.
     """
-    from .data import DigitsDataset
-
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs!r}")
     device = torch.device(device)
