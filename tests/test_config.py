@@ -14,6 +14,7 @@ pytest.importorskip("accelerate")
 from liftplace.cli import main  # noqa: E402
 from liftplace.train import ConfigError, Trainer, build_config  # noqa: E402
 from liftplace.train import config as config_module  # noqa: E402
+from liftplace.train import build as build_module  # noqa: E402
 from liftplace.train import trainer as trainer_module  # noqa: E402
 from liftplace.train.config import config_help_table, validate_against_model  # noqa: E402
 
@@ -68,8 +69,8 @@ def _no_build(*args, **kwargs):
      "pretrained_model_name_or_path"),
 ])
 def test_resolution_the_unet_cannot_take_is_refused_before_building(tmp_path, monkeypatch, kw, key):
-    monkeypatch.setattr(trainer_module, "build_from_config", _no_build)
-    monkeypatch.setattr(trainer_module, "load_pretrained", _no_build)
+    monkeypatch.setattr(build_module, "build_from_config", _no_build)
+    monkeypatch.setattr(build_module, "load_pretrained", _no_build)
     monkeypatch.setattr(trainer_module, "_make_accelerator", _no_build)
     with pytest.raises(ConfigError, match=rf"resolution={kw['resolution']} does not fit the model (of|in) {key}.*: its 3 "
                                           r"down blocks \(down_block_types\) halve the sample 2 times, so resolution "
