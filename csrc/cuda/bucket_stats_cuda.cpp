@@ -1,4 +1,4 @@
-// Torch glue for the CUDA bucket_stats kernel (bucket_stats.cu): checks, outputs, launch.
+// Torch glue for the CUDA bucket_stats kernel (bucket_stats_cuda.cu): checks, outputs, launch.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>

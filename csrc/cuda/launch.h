@@ -1,4 +1,4 @@
-// The interface between the torch glue (ops_cuda.cpp, host compiler) and the kernels
+// The interface between the torch glue (lift_place_cuda.cpp and bucket_stats_cuda.cpp, host compiler) and the kernels
 // (*.cu, nvcc): plain pointers, sizes and enums, so no .cu file includes ATen.
 #pragma once
 
@@ -12,7 +12,7 @@ namespace cuda {
 
 enum class DType : int { Half = 0, BFloat16 = 1, Float = 2, Double = 3 };
 
-// Same values as liftplace::Grouping / liftplace::Norm (checked in ops_cuda.cpp).
+// Same values as liftplace::Grouping / liftplace::Norm (checked in lift_place_cuda.cpp).
 enum : int { kGroupGlobal = 0, kGroupError = 1, kGroupPatch = 2 };
 enum : int { kNormL1 = 0, kNormL2 = 1 };
 // Column order of `rows`, as liftplace::RowStat.
@@ -64,20 +64,20 @@ struct BwdArgs {
   void* grad_y;                // [R, N] of dtype, or nullptr
 };
 
-// fit.cu: statistics, coefficients and row sums with one block per row, for "global",
+// lift_place_fit.cu: statistics, coefficients and row sums with one block per row, for "global",
 // "patch", and "error" once `order` holds each row's ranking.
 void launch_fit(const FwdArgs& args, cudaStream_t stream);
 
-// block_sort.cu: "error" grouping with the ranking sorted in shared memory and fused with
+// lift_place_block_sort.cu: "error" grouping with the ranking sorted in shared memory and fused with
 // the fit. Returns false (launching nothing) when the row is too long for it or the dtype
 // is Double; the caller then sorts with the device-wide path.
 bool launch_block_sort_fit(const FwdArgs& args, cudaStream_t stream);
 
-// fit.cu: keys and indices for the device-wide sort. dtype Double: the 63-bit error key
+// lift_place_fit.cu: keys and indices for the device-wide sort. dtype Double: the 63-bit error key
 // (sorted per row by segments); otherwise (row << 32) | 32-bit error key, one global sort.
 void launch_error_keys(const FwdArgs& args, uint64_t* keys, int32_t* index, cudaStream_t stream);
 
-// device_sort.cu: stable LSD radix sorts of (key, index) pairs. Each returns the buffer
+// lift_place_device_sort.cu: stable LSD radix sorts of (key, index) pairs. Each returns the buffer
 // (index0 or index1) holding the sorted indices; with temp == nullptr it only sets
 // temp_bytes and returns nullptr. Both buffers of each pair may be overwritten.
 int32_t* radix_sort_pairs(void* temp, size_t& temp_bytes, uint64_t* keys0, uint64_t* keys1, int32_t* index0,
@@ -86,10 +86,10 @@ int32_t* segmented_sort_pairs(void* temp, size_t& temp_bytes, uint64_t* keys0, u
                               int32_t* index1, int num_items, int num_segments, const int* offsets, int end_bit,
                               cudaStream_t stream);
 
-// bwd.cu: the closed-form gradients, one thread per element.
+// lift_place_bwd.cu: the closed-form gradients, one thread per element.
 void launch_bwd(const BwdArgs& args, cudaStream_t stream);
 
-// bucket_stats.cu: per-timestep-bucket sums (METHOD.md §8), one block per bucket.
+// bucket_stats_cuda.cu: per-timestep-bucket sums (METHOD.md §8), one block per bucket.
 struct BucketArgs {
   const void* values;        // [B, S] of dtype
   DType dtype;

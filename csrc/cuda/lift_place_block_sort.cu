@@ -6,7 +6,7 @@
 // never touches global memory; the sort is integer-only (deterministic) and stable, so
 // ties keep index order exactly as the reference's stable torch.sort. The 31-bit error
 // keys need 8 passes of 4-bit digits. Longer rows (and float64, whose 63-bit keys would
-// double the shared memory) go to the device-wide radix sort (device_sort.cu), which
+// double the shared memory) go to the device-wide radix sort (lift_place_device_sort.cu), which
 // parallelises one long row over many blocks.
 #include <c10/cuda/CUDAException.h>
 #include <cub/block/block_radix_sort.cuh>
