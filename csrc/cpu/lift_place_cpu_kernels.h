@@ -14,8 +14,8 @@ inline double sign(double v) { return static_cast<double>((v > 0) - (v < 0)); } 
 // Error ranking: a stable LSD radix sort of the bits of e = (y - x)^2.
 //
 // Why radix: e >= 0, so its IEEE bits already order like the values, and an LSD radix
-// sort is stable, so ties go to the lower index for free. KERNELS.md measured it 4-7x
-// faster than std::sort on packed (key, index) pairs. Float64 uses the same code on
+// sort is stable, so ties go to the lower index for free. It is several times faster than
+// std::sort on packed (key, index) pairs (docs/KERNELS.md). Float64 uses the same code on
 // 63-bit keys (more passes, same guarantees) rather than a second algorithm.
 template <typename acc_t>
 struct KeyBits;
@@ -197,9 +197,9 @@ inline void store_group(double a, double b, double mx, double my, double d, doub
   rs.sumb += b;
   out.slope[g] = static_cast<acc_t>(a);
   out.intercept[g] = static_cast<acc_t>(b);
-  out.aux[g * kAux + kMeanX] = static_cast<acc_t>(mx);
-  out.aux[g * kAux + kMeanY] = static_cast<acc_t>(my);
-  out.aux[g * kAux + kDenom] = static_cast<acc_t>(d);
+  out.aux[aux_at(g, kMeanX)] = static_cast<acc_t>(mx);
+  out.aux[aux_at(g, kMeanY)] = static_cast<acc_t>(my);
+  out.aux[aux_at(g, kDenom)] = static_cast<acc_t>(d);
 }
 
 // Centred (two-pass) fit of L groups of n values each, interleaved so that value j of
@@ -316,7 +316,7 @@ inline int64_t stage_size(int64_t G, int64_t P, int64_t n_last) {
 template <typename Idx, typename scalar_t, typename acc_t>
 void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
   using U = typename KeyBits<acc_t>::U;
-  const int64_t N = A.N, P = A.P, G = A.G, n_last = N - (G - 1) * P;  // the last group takes N % P extra
+  const int64_t N = A.N, P = A.P, G = A.G, n_last = group_len(G - 1, G, N, P);  // takes N % P extra
   const int max_digit = max_digit_bits(N);
   auto key = scratch<U>(N), key_tmp = scratch<U>(N);
   auto idx = scratch<Idx>(N), idx_tmp = scratch<Idx>(N);
@@ -519,9 +519,7 @@ void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end, std
                      gr[kSumIntercept]};
     for (int64_t k = 0; k < G; ++k) {
       const int64_t j = r * G + k;
-      const double n = A.grouping == Grouping::Error ? (k == G - 1 ? double(N - (G - 1) * P) : double(P))
-                       : A.grouping == Grouping::Patch ? double(P)
-                                                       : double(N);
+      const double n = double(group_len(k, G, N, P));
       const acc_t* ax = A.aux + j * kAux;
       coef[k] = group_coef<acc_t>(g, A.slope[j], A.intercept[j], ax[kMeanX], ax[kMeanY], ax[kDenom], n, A.l2,
                                   A.grad_slope ? double(A.grad_slope[j]) : 0.0,

@@ -2,25 +2,12 @@
 // block per bucket, one thread per statistic, each walking the samples in order: a fixed
 // summation order with no atomics, so results are bitwise reproducible. No host sync.
 #include <c10/cuda/CUDAException.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
-#include "cuda/launch.h"
+#include "cuda/common.cuh"
 
 namespace liftplace {
 namespace cuda {
 namespace {
-
-__device__ __forceinline__ float widen_value(__half v) { return __half2float(v); }
-__device__ __forceinline__ float widen_value(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float widen_value(float v) { return v; }
-__device__ __forceinline__ double widen_value(double v) { return v; }
-
-__device__ __forceinline__ int64_t bucket_of(double t, int64_t num_buckets, double t_max) {
-  const double k = floor(t * static_cast<double>(num_buckets) / t_max);
-  if (!(k >= 0)) return 0;  // also maps NaN to bucket 0, as the reference does
-  return k >= static_cast<double>(num_buckets) ? num_buckets - 1 : static_cast<int64_t>(k);
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void bucket_stats_kernel(const scalar_t* __restrict__ values, const double* __restrict__ timesteps,
@@ -31,7 +18,7 @@ __global__ void bucket_stats_kernel(const scalar_t* __restrict__ values, const d
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
     acc_t total = 0;
     for (int64_t b = 0; b < B; ++b) {
-      if (bucket_of(timesteps[b], num_buckets, t_max) == k) total += static_cast<acc_t>(widen_value(values[b * S + s]));
+      if (bucket_of(timesteps[b], num_buckets, t_max) == k) total += static_cast<acc_t>(widen(values[b * S + s]));
     }
     sums[k * S + s] = total;
   }
@@ -45,23 +32,17 @@ __global__ void bucket_stats_kernel(const scalar_t* __restrict__ values, const d
   }
 }
 
-template <typename scalar_t, typename acc_t>
-void launch(const BucketArgs& a, cudaStream_t stream) {
-  bucket_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(a.num_buckets), 128, 0, stream>>>(
-      static_cast<const scalar_t*>(a.values), a.timesteps, a.batch, a.stats, a.num_buckets, a.t_max,
-      static_cast<acc_t*>(a.sums), a.counts, a.bucket);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_bucket_stats(const BucketArgs& a, cudaStream_t stream) {
-  switch (a.dtype) {
-    case DType::Half: return launch<__half, float>(a, stream);
-    case DType::BFloat16: return launch<__nv_bfloat16, float>(a, stream);
-    case DType::Float: return launch<float, float>(a, stream);
-    case DType::Double: return launch<double, double>(a, stream);
-  }
+  with_scalar_type(a.dtype, [&](auto tag) {
+    using scalar_t = LIFTPLACE_SCALAR_T(tag);
+    using acc_t = acc_type<scalar_t>;
+    bucket_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(a.num_buckets), 128, 0, stream>>>(
+        static_cast<const scalar_t*>(a.values), a.timesteps, a.batch, a.stats, a.num_buckets, a.t_max,
+        static_cast<acc_t*>(a.sums), a.counts, a.bucket);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace cuda
