@@ -30,7 +30,7 @@ bench: build
 	$(PY) benchmarks/bench_loss.py
 
 cuda-build-check:
-	bash ci/cuda_build_check.sh
+	bash .ci/cuda_build_check.sh
 
 clean:
 	rm -rf build dist *.egg-info
