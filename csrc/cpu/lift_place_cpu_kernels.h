@@ -305,6 +305,15 @@ inline void store_row(acc_t* rows, const RowSums& rs) {
   rows[kSumIntercept] = static_cast<acc_t>(rs.sumb);
 }
 
+// Row r's groups through fit_row (gather stages group g's values), then its row sums.
+template <typename scalar_t, typename acc_t, typename Gather>
+inline void fit_and_store_row(const FwdArgs<scalar_t, acc_t>& A, int64_t r, int64_t n_last, Gather&& gather,
+                              double* bx, double* by, RowSums& rs) {
+  const FwdRow<acc_t> out{A.slope + r * A.G, A.intercept + r * A.G, A.aux + r * A.G * kAux};
+  fit_row(A.G, A.P, n_last, gather, bx, by, A.eps, A.l2, out, rs);
+  store_row(A.rows + r * kRowStats, rs);
+}
+
 // Staging scratch for fit_row: kWideLanes or kLanes groups when there are that many, or the last group.
 inline int64_t stage_size(int64_t G, int64_t P, int64_t n_last) {
   return std::max(G >= kWideLanes ? kWideLanes * P : G >= kLanes ? kLanes * P : P, n_last);
@@ -414,9 +423,7 @@ void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t en
         dy[j * stride] = static_cast<double>(gy[j]);
       }
     };
-    const FwdRow<acc_t> out{A.slope + r * G, A.intercept + r * G, A.aux + r * G * kAux};
-    fit_row(G, P, n_last, gather, bx.get(), by.get(), A.eps, A.l2, out, rs);
-    store_row(A.rows + r * kRowStats, rs);
+    fit_and_store_row(A, r, n_last, gather, bx.get(), by.get(), rs);
   }
 }
 
@@ -441,9 +448,7 @@ void fwd_patch_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t en
         }
       }
     };
-    const FwdRow<acc_t> out{A.slope + r * G, A.intercept + r * G, A.aux + r * G * kAux};
-    fit_row(G, P, P, gather, bx.get(), by.get(), A.eps, A.l2, out, rs);
-    store_row(A.rows + r * kRowStats, rs);
+    fit_and_store_row(A, r, P, gather, bx.get(), by.get(), rs);
   }
 }
 
