@@ -524,7 +524,7 @@ void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end, std
                      gr[kSumIntercept]};
     for (int64_t k = 0; k < G; ++k) {
       const int64_t j = r * G + k;
-      const double n = double(group_len(k, G, N, P));
+      const double n = A.grouping == Grouping::Global ? double(N) : double(group_len(k, G, N, P));
       const acc_t* ax = A.aux + j * kAux;
       coef[k] = group_coef<acc_t>(g, A.slope[j], A.intercept[j], ax[kMeanX], ax[kMeanY], ax[kDenom], n, A.l2,
                                   A.grad_slope ? double(A.grad_slope[j]) : 0.0,
