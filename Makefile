@@ -35,7 +35,7 @@ bench: build
 	$(PY) benchmarks/bench_loss.py
 
 cuda-build-check:
-	bash ci/cuda_build_check.sh
+	bash .ci/cuda_build_check.sh
 
 # A CPU wheel against the venv's torch, repaired to a manylinux tag with torch's own
 # libraries left out (they come from the torch wheel): dist/liftplace-<ver>+pt<XY>cpu-...whl

@@ -1,44 +1,34 @@
 // Per-timestep-bucket sums on the CPU. Tiny work (B samples), so one serial pass in
 // sample order: fixed summation order, bitwise reproducible for any thread count.
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
-
-#include <cmath>
 
 #include "liftplace.h"
 
 namespace liftplace {
 namespace {
 
-template <typename T>
-int64_t bucket_of(T t, int64_t num_buckets, double t_max) {
-  const double k = std::floor(static_cast<double>(t) * static_cast<double>(num_buckets) / t_max);
-  if (!(k >= 0)) return 0;  // also maps NaN timesteps to bucket 0
-  return k >= static_cast<double>(num_buckets) ? num_buckets - 1 : static_cast<int64_t>(k);
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bucket_stats_cpu(const at::Tensor& values, const at::Tensor& timesteps,
                                                     int64_t num_buckets, double t_max) {
-  check_bucket_inputs(values, timesteps, num_buckets, t_max);
+  check_bucket_inputs(c10::DeviceType::CPU, values, timesteps, num_buckets, t_max);
   const auto v = values.contiguous();
   const auto t = timesteps.contiguous();
   const int64_t B = v.size(0), S = v.size(1);
-  const auto acc = v.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_scalar_type(v.scalar_type(), "bucket_stats values");
   auto sums = at::zeros({num_buckets, S}, v.options().dtype(acc));
   auto counts = at::zeros({num_buckets}, v.options().dtype(at::kLong));
   auto bucket_t = at::empty({B}, v.options().dtype(at::kLong));
   auto* bucket = bucket_t.data_ptr<int64_t>();
   AT_DISPATCH_ALL_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "bucket_stats_cpu_t", [&] {
     const auto* tp = t.data_ptr<scalar_t>();
-    for (int64_t b = 0; b < B; ++b) bucket[b] = bucket_of(tp[b], num_buckets, t_max);
+    for (int64_t b = 0; b < B; ++b) bucket[b] = bucket_of(static_cast<double>(tp[b]), num_buckets, t_max);
   });
   auto* cp = counts.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.scalar_type(), "bucket_stats_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const auto* vp = v.data_ptr<scalar_t>();
     auto* sp = sums.data_ptr<acc_t>();
     for (int64_t b = 0; b < B; ++b) {

@@ -2,12 +2,12 @@
 //
 // One row at a time, rows spread over threads with at::parallel_for. Every row writes only
 // its own output slots and sums in a fixed order, so results are bitwise identical for any
-// thread count. Elementwise math is float32 (float64 for double inputs); sums are double.
+// thread count. Elementwise math is in the accumulation dtype (contract.h: float32, float64
+// for double inputs); sums are double.
 // This file holds the op entry points (checks, outputs, dispatch); the row loops are in
 // lift_place_cpu_kernels.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -17,7 +17,6 @@
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <memory>
 #include <optional>
 #include <tuple>
@@ -38,7 +37,7 @@ using at::Tensor;
 
 // Types shared by both ISA builds of the kernels (lift_place_cpu_kernels.h).
 
-// A row's 7 statistics (RowStat), summed in double in group order.
+// A row's kRowStats statistics (RowStat), summed in double in group order.
 struct RowSums {
   double coarse = 0, fine = 0, sqerr = 0, absdev = 0, absb = 0, suma = 0, sumb = 0;
 };
@@ -47,7 +46,7 @@ template <typename acc_t>
 struct FwdRow {
   acc_t* slope;      // [G]
   acc_t* intercept;  // [G]
-  acc_t* aux;        // [G, 3]
+  acc_t* aux;        // [G, kAux]
 };
 
 template <typename scalar_t, typename acc_t>
@@ -56,10 +55,10 @@ struct FwdArgs {
   const scalar_t* y;  // [R, N]
   acc_t* slope;       // [R, G]
   acc_t* intercept;   // [R, G]
-  acc_t* rows;        // [R, 7]
-  acc_t* aux;         // [R, G, 3]
+  acc_t* rows;        // [R, kRowStats]
+  acc_t* aux;         // [R, G, kAux]
   int32_t* gid;       // [R, N] for grouping="error"
-  int64_t R, N, P, G, width;
+  int64_t R, N, P, G, width;  // P: the group span (N for "global"), contract.h
   double eps;
   bool l2;
   Grouping grouping;
@@ -67,7 +66,7 @@ struct FwdArgs {
 
 template <typename scalar_t, typename acc_t>
 struct BwdArgs {
-  const acc_t* grad_rows;       // [R, 7]
+  const acc_t* grad_rows;       // [R, kRowStats]
   const acc_t* grad_slope;      // [R, G] or null
   const acc_t* grad_intercept;  // [R, G] or null
   const scalar_t* x;
@@ -98,62 +97,57 @@ namespace isa_avx2 {
 #pragma GCC pop_options
 #endif
 
-// Whether to run the AVX2 build; LIFTPLACE_CPU_ISA=base forces the baseline (tests use it
-// to check that both builds agree bit for bit).
-inline bool use_avx2() {
+// Whether to run the AVX2 build, decided once per process: LIFTPLACE_CPU_ISA=base forces
+// the baseline (tests set it in a subprocess to check that both builds agree bit for bit).
+bool use_avx2() {
 #ifdef LIFTPLACE_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2");
-  const char* isa = std::getenv("LIFTPLACE_CPU_ISA");
-  return supported && !(isa && std::strcmp(isa, "base") == 0);
+  static const bool avx2 = [] {
+    const char* isa = std::getenv("LIFTPLACE_CPU_ISA");
+    return __builtin_cpu_supports("avx2") && !(isa && std::strcmp(isa, "base") == 0);
+  }();
+  return avx2;
 #else
   return false;
 #endif
 }
 
-// Rows per parallel_for task: about 32K elements, so short rows are batched (KERNELS.md).
+// Rows per parallel_for task: about 32K elements, so short rows are batched (docs/KERNELS.md).
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lift_place_fwd_cpu(const Tensor& x, const Tensor& y,
                                                                       int64_t group_size,
-                                                                      c10::string_view grouping_s,
-                                                                      c10::string_view norm_s, double eps,
+                                                                      c10::string_view grouping,
+                                                                      c10::string_view norm, double eps,
                                                                       int64_t width) {
-  const Grouping grouping = parse_grouping(grouping_s);
-  const Norm norm = parse_norm(norm_s);
-  check_fwd_inputs(x, y, grouping, group_size, width);
-  TORCH_CHECK(x.device().is_cpu(), "liftplace: lift_place_fwd_cpu got tensors on ", x.device());
-  TORCH_CHECK(std::isfinite(eps) && eps > 0, "liftplace: eps must be positive and finite, got ", eps);
-  const int64_t R = x.size(0), N = x.size(1);
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "liftplace: rows longer than 2^31-1 elements are not supported, got N=", N);
-  const int64_t G = num_groups(grouping, N, group_size);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto opts = x.options().dtype(acc_type);
+  const LiftPlaceCall c = check_fwd_inputs(c10::DeviceType::CPU, x, y, group_size, grouping, norm, eps, width);
+  const int64_t R = c.R, N = c.N, G = c.G;
+  const auto opts = x.options().dtype(c.acc);
   Tensor slope = at::empty({R, G}, opts);
   Tensor intercept = at::empty({R, G}, opts);
   Tensor rows = at::empty({R, kRowStats}, opts);
   Tensor aux = at::empty({R, G, kAux}, opts);
-  Tensor gid = grouping == Grouping::Error ? at::empty({R, N}, x.options().dtype(at::kInt))
-                                           : at::empty({0}, x.options().dtype(at::kInt));
+  const bool error = c.grouping == Grouping::Error;
+  Tensor gid = error ? at::empty({R, N}, x.options().dtype(at::kInt)) : at::empty({0}, x.options().dtype(at::kInt));
   if (R == 0) return {slope, intercept, rows, aux, gid};
 
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lift_place_fwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const FwdArgs<scalar_t, acc_t> A{x.const_data_ptr<scalar_t>(),
                                      y.const_data_ptr<scalar_t>(),
                                      slope.mutable_data_ptr<acc_t>(),
                                      intercept.mutable_data_ptr<acc_t>(),
                                      rows.mutable_data_ptr<acc_t>(),
                                      aux.mutable_data_ptr<acc_t>(),
-                                     grouping == Grouping::Error ? gid.mutable_data_ptr<int32_t>() : nullptr,
+                                     error ? gid.mutable_data_ptr<int32_t>() : nullptr,
                                      R,
                                      N,
-                                     group_size,
+                                     c.P,
                                      G,
                                      width,
                                      eps,
-                                     norm == Norm::L2,
-                                     grouping};
+                                     c.norm == Norm::L2,
+                                     c.grouping};
     at::parallel_for(0, R, row_grain(N), [&](int64_t begin, int64_t end) {
 #ifdef LIFTPLACE_AVX2
       if (avx2) return isa_avx2::fwd_rows(A, begin, end);
@@ -164,40 +158,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lift_place_fwd_cpu(const Tens
   return {slope, intercept, rows, aux, gid};
 }
 
-Tensor acc_input(const Tensor& t, at::ScalarType acc_type, const char* name, at::IntArrayRef shape) {
-  TORCH_CHECK(t.sizes() == shape, "liftplace: lift_place_bwd expects ", name, " of shape ", shape, ", got ",
-              t.sizes());
-  TORCH_CHECK(t.device().is_cpu(), "liftplace: lift_place_bwd got ", name, " on ", t.device());
-  return t.to(acc_type).contiguous();
-}
-
 std::tuple<Tensor, Tensor> lift_place_bwd_cpu(const Tensor& grad_rows, const std::optional<Tensor>& grad_slope,
                                               const std::optional<Tensor>& grad_intercept, const Tensor& x,
                                               const Tensor& y, const Tensor& slope, const Tensor& intercept,
                                               const Tensor& aux, const Tensor& group_id, int64_t group_size,
-                                              c10::string_view grouping_s, c10::string_view norm_s, int64_t width,
+                                              c10::string_view grouping, c10::string_view norm, int64_t width,
                                               bool need_grad_y) {
-  const Grouping grouping = parse_grouping(grouping_s);
-  const Norm norm = parse_norm(norm_s);
-  check_fwd_inputs(x, y, grouping, group_size, width);
-  TORCH_CHECK(x.device().is_cpu(), "liftplace: lift_place_bwd_cpu got tensors on ", x.device());
-  const int64_t R = x.size(0), N = x.size(1);
-  const int64_t G = num_groups(grouping, N, group_size);
-  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const Tensor gr = acc_input(grad_rows, acc_type, "grad_rows", {R, kRowStats});
-  const Tensor a = acc_input(slope, acc_type, "slope", {R, G});
-  const Tensor b = acc_input(intercept, acc_type, "intercept", {R, G});
-  const Tensor ax = acc_input(aux, acc_type, "aux", {R, G, kAux});
-  Tensor ga, gb;
-  if (grad_slope.has_value() && grad_slope->defined()) ga = acc_input(*grad_slope, acc_type, "grad_slope", {R, G});
-  if (grad_intercept.has_value() && grad_intercept->defined())
-    gb = acc_input(*grad_intercept, acc_type, "grad_intercept", {R, G});
-  if (grouping == Grouping::Error) {
-    TORCH_CHECK(group_id.scalar_type() == at::kInt && group_id.sizes() == x.sizes(),
-                "liftplace: lift_place_bwd with grouping='error' expects group_id int32 of shape ", x.sizes(),
-                " (from lift_place_fwd), got ", group_id.scalar_type(), " ", group_id.sizes());
-  }
-  const Tensor gid = grouping == Grouping::Error ? group_id.contiguous() : group_id;
+  const auto [c, t] = check_bwd_inputs(c10::DeviceType::CPU, grad_rows, grad_slope, grad_intercept, x, y, slope,
+                                       intercept, aux, group_id, group_size, grouping, norm, width);
+  const int64_t R = c.R, N = c.N, G = c.G;
   Tensor grad_x = at::empty_like(x);
   Tensor grad_y = need_grad_y ? at::empty_like(y) : at::empty({0}, y.options());
   if (R == 0) return {grad_x, grad_y};
@@ -205,26 +174,26 @@ std::tuple<Tensor, Tensor> lift_place_bwd_cpu(const Tensor& grad_rows, const std
   std::atomic<bool> bad_gid{false};
   const bool avx2 = use_avx2();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lift_place_bwd_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
+    using acc_t = acc_type<scalar_t>;
     const BwdArgs<scalar_t, acc_t> A{
-        gr.const_data_ptr<acc_t>(),
-        ga.defined() ? ga.const_data_ptr<acc_t>() : nullptr,
-        gb.defined() ? gb.const_data_ptr<acc_t>() : nullptr,
+        t.grad_rows.const_data_ptr<acc_t>(),
+        t.grad_slope.defined() ? t.grad_slope.const_data_ptr<acc_t>() : nullptr,
+        t.grad_intercept.defined() ? t.grad_intercept.const_data_ptr<acc_t>() : nullptr,
         x.const_data_ptr<scalar_t>(),
         y.const_data_ptr<scalar_t>(),
-        a.const_data_ptr<acc_t>(),
-        b.const_data_ptr<acc_t>(),
-        ax.const_data_ptr<acc_t>(),
-        grouping == Grouping::Error ? gid.const_data_ptr<int32_t>() : nullptr,
+        t.slope.const_data_ptr<acc_t>(),
+        t.intercept.const_data_ptr<acc_t>(),
+        t.aux.const_data_ptr<acc_t>(),
+        t.group_id.defined() ? t.group_id.const_data_ptr<int32_t>() : nullptr,
         grad_x.mutable_data_ptr<scalar_t>(),
         need_grad_y ? grad_y.mutable_data_ptr<scalar_t>() : nullptr,
         R,
         N,
-        group_size,
+        c.P,
         G,
         width,
-        norm == Norm::L2,
-        grouping};
+        c.norm == Norm::L2,
+        c.grouping};
     at::parallel_for(0, R, row_grain(N), [&](int64_t begin, int64_t end) {
 #ifdef LIFTPLACE_AVX2
       if (avx2) return isa_avx2::bwd_rows(A, need_grad_y, begin, end, bad_gid);
@@ -232,8 +201,9 @@ std::tuple<Tensor, Tensor> lift_place_bwd_cpu(const Tensor& grad_rows, const std
       isa_base::bwd_rows(A, need_grad_y, begin, end, bad_gid);
     });
   });
-  TORCH_CHECK(!bad_gid.load(), "liftplace: lift_place_bwd got group_id values outside [0, ", G,
-              "); pass the group_id that lift_place_fwd returned");
+  // Ids outside [0, G) were skipped by the kernel (never used as an index).
+  TORCH_CHECK(!bad_gid.load(), "liftplace: lift_place_bwd got group_id values outside [0, G=", G,
+              "); pass the group_id that lift_place_fwd returned for these x and y");
   return {grad_x, grad_y};
 }
 

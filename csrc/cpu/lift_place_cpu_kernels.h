@@ -14,8 +14,8 @@ inline double sign(double v) { return static_cast<double>((v > 0) - (v < 0)); } 
 // Error ranking: a stable LSD radix sort of the bits of e = (y - x)^2.
 //
 // Why radix: e >= 0, so its IEEE bits already order like the values, and an LSD radix
-// sort is stable, so ties go to the lower index for free. KERNELS.md measured it 4-7x
-// faster than std::sort on packed (key, index) pairs. Float64 uses the same code on
+// sort is stable, so ties go to the lower index for free. It is several times faster than
+// std::sort on packed (key, index) pairs (docs/KERNELS.md). Float64 uses the same code on
 // 63-bit keys (more passes, same guarantees) rather than a second algorithm.
 template <typename acc_t>
 struct KeyBits;
@@ -197,9 +197,9 @@ inline void store_group(double a, double b, double mx, double my, double d, doub
   rs.sumb += b;
   out.slope[g] = static_cast<acc_t>(a);
   out.intercept[g] = static_cast<acc_t>(b);
-  out.aux[g * kAux + kMeanX] = static_cast<acc_t>(mx);
-  out.aux[g * kAux + kMeanY] = static_cast<acc_t>(my);
-  out.aux[g * kAux + kDenom] = static_cast<acc_t>(d);
+  out.aux[aux_at(g, kMeanX)] = static_cast<acc_t>(mx);
+  out.aux[aux_at(g, kMeanY)] = static_cast<acc_t>(my);
+  out.aux[aux_at(g, kDenom)] = static_cast<acc_t>(d);
 }
 
 // Centred (two-pass) fit of L groups of n values each, interleaved so that value j of
@@ -305,6 +305,15 @@ inline void store_row(acc_t* rows, const RowSums& rs) {
   rows[kSumIntercept] = static_cast<acc_t>(rs.sumb);
 }
 
+// Row r's groups through fit_row (gather stages group g's values), then its row sums.
+template <typename scalar_t, typename acc_t, typename Gather>
+inline void fit_and_store_row(const FwdArgs<scalar_t, acc_t>& A, int64_t r, int64_t n_last, Gather&& gather,
+                              double* bx, double* by, RowSums& rs) {
+  const FwdRow<acc_t> out{A.slope + r * A.G, A.intercept + r * A.G, A.aux + r * A.G * kAux};
+  fit_row(A.G, A.P, n_last, gather, bx, by, A.eps, A.l2, out, rs);
+  store_row(A.rows + r * kRowStats, rs);
+}
+
 // Staging scratch for fit_row: kWideLanes or kLanes groups when there are that many, or the last group.
 inline int64_t stage_size(int64_t G, int64_t P, int64_t n_last) {
   return std::max(G >= kWideLanes ? kWideLanes * P : G >= kLanes ? kLanes * P : P, n_last);
@@ -316,7 +325,7 @@ inline int64_t stage_size(int64_t G, int64_t P, int64_t n_last) {
 template <typename Idx, typename scalar_t, typename acc_t>
 void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
   using U = typename KeyBits<acc_t>::U;
-  const int64_t N = A.N, P = A.P, G = A.G, n_last = N - (G - 1) * P;  // the last group takes N % P extra
+  const int64_t N = A.N, P = A.P, G = A.G, n_last = group_len(G - 1, G, N, P);  // takes N % P extra
   const int max_digit = max_digit_bits(N);
   auto key = scratch<U>(N), key_tmp = scratch<U>(N);
   auto idx = scratch<Idx>(N), idx_tmp = scratch<Idx>(N);
@@ -414,9 +423,7 @@ void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t en
         dy[j * stride] = static_cast<double>(gy[j]);
       }
     };
-    const FwdRow<acc_t> out{A.slope + r * G, A.intercept + r * G, A.aux + r * G * kAux};
-    fit_row(G, P, n_last, gather, bx.get(), by.get(), A.eps, A.l2, out, rs);
-    store_row(A.rows + r * kRowStats, rs);
+    fit_and_store_row(A, r, n_last, gather, bx.get(), by.get(), rs);
   }
 }
 
@@ -441,9 +448,7 @@ void fwd_patch_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t en
         }
       }
     };
-    const FwdRow<acc_t> out{A.slope + r * G, A.intercept + r * G, A.aux + r * G * kAux};
-    fit_row(G, P, P, gather, bx.get(), by.get(), A.eps, A.l2, out, rs);
-    store_row(A.rows + r * kRowStats, rs);
+    fit_and_store_row(A, r, P, gather, bx.get(), by.get(), rs);
   }
 }
 
@@ -519,9 +524,7 @@ void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end, std
                      gr[kSumIntercept]};
     for (int64_t k = 0; k < G; ++k) {
       const int64_t j = r * G + k;
-      const double n = A.grouping == Grouping::Error ? (k == G - 1 ? double(N - (G - 1) * P) : double(P))
-                       : A.grouping == Grouping::Patch ? double(P)
-                                                       : double(N);
+      const double n = A.grouping == Grouping::Global ? double(N) : double(group_len(k, G, N, P));
       const acc_t* ax = A.aux + j * kAux;
       coef[k] = group_coef<acc_t>(g, A.slope[j], A.intercept[j], ax[kMeanX], ax[kMeanY], ax[kDenom], n, A.l2,
                                   A.grad_slope ? double(A.grad_slope[j]) : 0.0,

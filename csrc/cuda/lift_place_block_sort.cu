@@ -6,14 +6,14 @@
 // never touches global memory; the sort is integer-only (deterministic) and stable, so
 // ties keep index order exactly as the reference's stable torch.sort. The 31-bit error
 // keys need 8 passes of 4-bit digits. Longer rows (and float64, whose 63-bit keys would
-// double the shared memory) go to the device-wide radix sort (device_sort.cu), which
+// double the shared memory) go to the device-wide radix sort (lift_place_device_sort.cu), which
 // parallelises one long row over many blocks.
 #include <c10/cuda/CUDAException.h>
 #include <cub/block/block_radix_sort.cuh>
 
 #include <type_traits>
 
-#include "cuda/common.cuh"
+#include "cuda/lift_place_fit.cuh"
 
 namespace liftplace {
 namespace cuda {
@@ -29,7 +29,7 @@ struct SortConfig {
   static constexpr size_t kSortBytes = sizeof(typename Sort::TempStorage);
   static constexpr size_t kOrderBytes = sizeof(int32_t) * kCapacity;
   static constexpr size_t kScratchOffset = round_up16(kSortBytes > kOrderBytes ? kSortBytes : kOrderBytes);
-  static constexpr size_t kSmemBytes = kScratchOffset + sizeof(float) * kNumCols * 32;
+  static constexpr size_t kSmemBytes = kScratchOffset + sizeof(float) * kRowStats * 32;
 };
 
 // Keys in the blocked arrangement (thread t holds elements t*kItems ... t*kItems+kItems-1):
@@ -49,17 +49,18 @@ template <int kThreads, int kItems>
 __global__ void __launch_bounds__(kThreads) sort_fit_kernel(const FwdArgs a) {
   using Cfg = SortConfig<kThreads, kItems>;
   extern __shared__ __align__(16) unsigned char smem[];
+  const Geometry& geo = a.geo;
   const int64_t row = blockIdx.x;
-  const int64_t off = row * a.n;
+  const int64_t off = row * geo.n;
 
   uint32_t keys[kItems];
   int32_t index[kItems];
 #pragma unroll
   for (int j = 0; j < kItems; ++j) index[j] = threadIdx.x * kItems + j;
-  with_scalar_type<float>(a.dtype, [&](auto tag) {
-    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+  with_scalar_type_for<float>(a.dtype, [&](auto tag) {
+    using scalar_t = LIFTPLACE_SCALAR_T(tag);
     load_keys<scalar_t, kItems>(static_cast<const scalar_t*>(a.x) + off, static_cast<const scalar_t*>(a.y) + off,
-                                a.n, keys);
+                                geo.n, keys);
   });
 
   typename Cfg::Sort(*reinterpret_cast<typename Cfg::Sort::TempStorage*>(smem)).Sort(keys, index, 0, 32);
@@ -70,22 +71,21 @@ __global__ void __launch_bounds__(kThreads) sort_fit_kernel(const FwdArgs a) {
 #pragma unroll
   for (int j = 0; j < kItems; ++j) {
     const int k = threadIdx.x * kItems + j;
-    if (k < a.n) order[k] = index[j];
+    if (k < geo.n) order[k] = index[j];
   }
   __syncthreads();
 
   float* scratch = reinterpret_cast<float*>(smem + Cfg::kScratchOffset);
-  const RowMap map = make_row_map(a, order);
-  float* slope = static_cast<float*>(a.slope) + row * a.groups;
-  float* intercept = static_cast<float*>(a.intercept) + row * a.groups;
-  float* aux = static_cast<float*>(a.aux) + row * a.groups * 3;
-  float* row_stats = static_cast<float*>(a.row_stats) + row * kNumCols;
+  const RowMap map = make_row_map(geo, order);
+  float* slope = static_cast<float*>(a.slope) + row * geo.groups;
+  float* intercept = static_cast<float*>(a.intercept) + row * geo.groups;
+  float* aux = static_cast<float*>(a.aux) + row * geo.groups * kAux;
+  float* row_stats = static_cast<float*>(a.row_stats) + row * kRowStats;
   int32_t* group_id = a.group_id + off;
-  with_scalar_type<float>(a.dtype, [&](auto tag) {
-    using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(tag)>>;
+  with_scalar_type_for<float>(a.dtype, [&](auto tag) {
+    using scalar_t = LIFTPLACE_SCALAR_T(tag);
     fit_row<scalar_t, float>(static_cast<const scalar_t*>(a.x) + off, static_cast<const scalar_t*>(a.y) + off, map,
-                             a.n, a.group_size, a.groups, a.norm, static_cast<float>(a.eps), slope, intercept, aux,
-                             row_stats, group_id, scratch);
+                             geo, static_cast<float>(a.eps), slope, intercept, aux, row_stats, group_id, scratch);
   });
 }
 
@@ -103,23 +103,23 @@ void launch(const FwdArgs& a, cudaStream_t stream) {
     // no synchronisation).
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  kernel<<<static_cast<unsigned>(a.rows), kThreads, smem, stream>>>(a);
+  kernel<<<static_cast<unsigned>(a.geo.rows), kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
 bool launch_block_sort_fit(const FwdArgs& a, cudaStream_t stream) {
-  if (a.dtype == DType::Double || a.n > 16384) return false;
+  if (acc_dtype(a.dtype) == DType::Double || a.geo.n > 16384) return false;
   int device = 0, max_smem_optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   // Three block sizes, so that a row of more than 512 elements sorts at most 4x its length
   // in padded slots; the 1024 x 16 size needs ~67 KiB of shared memory (every listed arch
   // has >= 99 KiB per block; a device with less falls back to the device-wide sort).
-  if (a.n <= 2048) {
+  if (a.geo.n <= 2048) {
     launch<256, 8>(a, stream);
-  } else if (a.n <= 8192 && fits_device<512, 16>(max_smem_optin)) {
+  } else if (a.geo.n <= 8192 && fits_device<512, 16>(max_smem_optin)) {
     launch<512, 16>(a, stream);
   } else if (fits_device<1024, 16>(max_smem_optin)) {
     launch<1024, 16>(a, stream);

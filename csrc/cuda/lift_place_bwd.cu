@@ -5,8 +5,10 @@
 // a, b, mean x, mean y, vx + eps and the row's incoming gradients. No reductions: the
 // result is the same bits on every run.
 #include <c10/cuda/CUDAException.h>
+#include <c10/macros/Macros.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "cuda/common.cuh"
 
@@ -29,42 +31,48 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdArgs a) {
   scalar_t* grad_x = static_cast<scalar_t*>(a.grad_x);
   scalar_t* grad_y = static_cast<scalar_t*>(a.grad_y);
 
-  int side = 1;
-  if (a.grouping == kGroupPatch) {
-    while ((side + 1) * (side + 1) <= a.group_size) ++side;
-  }
-  const int tiles_w = a.grouping == kGroupPatch ? a.width / side : 1;
-  const int last = a.groups - 1;
-
-  const int64_t total = a.rows * a.n;
+  const Geometry& geo = a.geo;
+  const int side = geo.side, tiles_w = geo.width / side;
+  const int64_t n = geo.n, total = geo.rows * n;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += stride) {
-    const int64_t row = t / a.n;
-    const int i = static_cast<int>(t - row * a.n);
+    const int64_t row = t / n;
+    const int i = static_cast<int>(t - row * n);
     int g = 0;
-    if (a.grouping == kGroupError) {
+    if (geo.grouping == Grouping::Error) {
       g = a.group_id[t];
-    } else if (a.grouping == kGroupPatch) {
-      const int r = i / a.width, c = i - r * a.width;
+      // A foreign group id (not from lift_place_fwd for these x, y) is never used as an
+      // index: it trips a device-side assert (reported by the next synchronising CUDA
+      // call, as torch's own index kernels do; no host sync here), and where asserts are
+      // compiled out the element's gradients become NaN.
+      if (g < 0 || g >= geo.groups) {
+        CUDA_KERNEL_ASSERT_MSG(false, "liftplace: lift_place_bwd got a group_id outside [0, G); pass the group_id "
+                                      "that lift_place_fwd returned for these x and y");
+        const acc_t nan = acc_t(NAN);
+        store(grad_x + t, nan);
+        if (grad_y != nullptr) store(grad_y + t, nan);
+        continue;
+      }
+    } else if (geo.grouping == Grouping::Patch) {
+      const int r = i / geo.width, c = i - r * geo.width;
       g = (r / side) * tiles_w + c / side;
     }
-    // n_g: P, except the last group, which runs to N ("global": one group of N).
-    const acc_t cnt = acc_t(g == last ? a.n - last * a.group_size : a.group_size);
-    const int64_t rg = row * a.groups + g;
+    const acc_t cnt = acc_t(group_len<int64_t>(g, geo.groups, n, geo.span));
+    const int64_t rg = row * geo.groups + g;
     const acc_t A = slope[rg];
     const acc_t B = intercept[rg];
-    const acc_t mx = aux[3 * rg + 0];
-    const acc_t my = aux[3 * rg + 1];
-    const acc_t d = aux[3 * rg + 2];
-    const acc_t* gr = grad_rows + row * kNumCols;
+    const acc_t mx = aux[aux_at(rg, kMeanX)];
+    const acc_t my = aux[aux_at(rg, kMeanY)];
+    const acc_t d = aux[aux_at(rg, kDenom)];
+    const acc_t* gr = grad_rows + row * kRowStats;
 
     const acc_t sa = sign_of(A - acc_t(1));
     const acc_t sb = sign_of(B);
-    const acc_t da = a.norm == kNormL1 ? sa : acc_t(2) * (A - acc_t(1));
-    const acc_t db = a.norm == kNormL1 ? sb : acc_t(2) * B;
+    const acc_t da = geo.norm == Norm::L1 ? sa : acc_t(2) * (A - acc_t(1));
+    const acc_t db = geo.norm == Norm::L1 ? sb : acc_t(2) * B;
     // dL/da and dL/db: through the coarse term, |a-1| / |b| sums, a / b sums, and directly.
-    acc_t GA = gr[kColCoarse] * cnt * da + gr[kColAbsSlopeDev] * sa + gr[kColSumSlope];
-    acc_t GB = gr[kColCoarse] * cnt * db + gr[kColAbsIntercept] * sb + gr[kColSumIntercept];
+    acc_t GA = gr[kCoarse] * cnt * da + gr[kAbsSlopeDev] * sa + gr[kSumSlope];
+    acc_t GB = gr[kCoarse] * cnt * db + gr[kAbsIntercept] * sb + gr[kSumIntercept];
     if (grad_slope != nullptr) GA += grad_slope[rg];
     if (grad_intercept != nullptr) GB += grad_intercept[rg];
     const acc_t K = (GA - GB * mx) / (cnt * d);
@@ -75,8 +83,8 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdArgs a) {
     const acc_t dy = yi - my;
     const acc_t r = A * dx - dy;  // fit residual a*x + b - y in centred form
     const acc_t diff = xi - yi;
-    const acc_t g_fine = gr[kColFine];
-    const acc_t g_sqerr = gr[kColSqErr];
+    const acc_t g_fine = gr[kFine];
+    const acc_t g_sqerr = gr[kSqErr];
     const acc_t gx = K * (dy - acc_t(2) * A * dx) - GB * A / cnt + acc_t(2) * A * g_fine * r + acc_t(2) * g_sqerr * diff;
     store(grad_x + t, gx);
     if (grad_y != nullptr) {
@@ -90,14 +98,12 @@ __global__ void __launch_bounds__(kBwdThreads) bwd_kernel(const BwdArgs a) {
 
 void launch_bwd(const BwdArgs& a, cudaStream_t stream) {
   const int threads = kBwdThreads;
-  const int64_t total = a.rows * a.n;
+  const int64_t total = a.geo.rows * a.geo.n;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((total + threads - 1) / threads, 1 << 16));
-  switch (a.dtype) {
-    case DType::Half: bwd_kernel<__half, float><<<blocks, threads, 0, stream>>>(a); break;
-    case DType::BFloat16: bwd_kernel<__nv_bfloat16, float><<<blocks, threads, 0, stream>>>(a); break;
-    case DType::Float: bwd_kernel<float, float><<<blocks, threads, 0, stream>>>(a); break;
-    case DType::Double: bwd_kernel<double, double><<<blocks, threads, 0, stream>>>(a); break;
-  }
+  with_scalar_type(a.dtype, [&](auto tag) {
+    using scalar_t = LIFTPLACE_SCALAR_T(tag);
+    bwd_kernel<scalar_t, acc_type<scalar_t>><<<blocks, threads, 0, stream>>>(a);
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
