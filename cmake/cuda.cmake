@@ -39,6 +39,13 @@ if(NOT CMAKE_CUDA_COMPILER)
                       "or set CUDACXX / CUDA_HOME, or install a CPU build of torch.")
 endif()
 
+# CMake before 3.25.2 cannot ask nvcc for C++20 ("Target _C requires the language dialect
+# CUDA20 ... the compiler NVIDIA does not support this"), which torch 2.14's headers need.
+if(CMAKE_CXX_STANDARD GREATER_EQUAL 20 AND CMAKE_VERSION VERSION_LESS 3.25.2)
+  message(FATAL_ERROR "CMake ${CMAKE_VERSION} (${CMAKE_COMMAND}) cannot compile CUDA as C++20, which torch "
+                      "${_torch_version}'s headers need; CMake 3.25.2 or newer is required (pyproject.toml asks "
+                      "for >= 3.26). Install one into this environment with: pip install cmake")
+endif()
 enable_language(CUDA)
 if(NOT LIFTPLACE_CUDA STREQUAL "OFF")
   set(LIFTPLACE_WITH_CUDA ON)

@@ -2,7 +2,7 @@
 // layout of `rows` and `aux`, the input dtypes and the accumulation rule, and the row /
 // group geometry (METHOD.md §2-§3). Included by the CPU kernels and, through
 // liftplace.h, the CUDA host glue, and directly by the .cu files (nvcc never sees ATen).
-// Python's copy of the layout is in liftplace/_reference.py (ROW_STATS, AUX, ...).
+// Python's copy of the layout is in liftplace/_ops.py (ROW_STATS, AUX, ...), the op layer.
 #pragma once
 
 #include <cmath>
