@@ -19,8 +19,9 @@ stamp "wheel: $whl"
 python3 -m venv "$work/venv"
 "${PIP[@]}" install "$TORCH_PKG" 2> >(quiet)
 "${PIP[@]}" install "$whl[train,test]" 2> >(quiet)
-# The tests alone, outside the source tree; PATH holds the venv and basic tools, no compiler.
-cp -r tests "$work/tests"
+# The tests (and the docs/configs some of them check) without the package sources; PATH
+# holds the venv and basic tools, no compiler.
+cp -r tests docs configs "$work/"
 mkdir "$work/bin"
 for tool in sh bash env cat ls rm mkdir cp mv sed grep tar uname dirname basename readlink date; do
   ln -s "$(command -v "$tool")" "$work/bin/$tool"
