@@ -46,3 +46,12 @@ if out=$(pip install --no-deps --dry-run . 2>&1); then
 fi
 grep -q "pip install --no-build-isolation" <<<"$out" || { echo "$out" | tail -20 >&2; exit 1; }
 stamp "ok: the isolated build stopped with the --no-build-isolation command"
+stamp "a --no-build-isolation build without a new enough CMake must name both versions and the fix"
+"$work/venv/bin/python" -m pip --disable-pip-version-check -q install "scikit-build-core>=0.10" 2> >(quiet)
+if out=$("$work/venv/bin/python" -m pip --disable-pip-version-check install --no-build-isolation --no-deps \
+         --dry-run . 2>&1); then
+  echo "wheel-check: a build with no CMake >= 3.26 available did not stop" >&2; exit 1
+fi
+grep -q "liftplace needs CMake >=3.26" <<<"$out" && grep -q "pip install cmake" <<<"$out" \
+  || { echo "$out" | tail -20 >&2; exit 1; }
+stamp "ok: it stopped naming the CMake it found and 'pip install cmake'"

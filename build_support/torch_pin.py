@@ -12,7 +12,10 @@ libraries it was compiled with, so a wheel says which one it needs:
 
 The torch is the one importable by the build's Python; with build isolation on it is
 missing (liftplace must build against the user's torch), and the build stops here with
-the command that works.
+the command that works. Without isolation the CMake it will use must satisfy
+``tool.scikit-build.cmake.version``; an older one (a distribution's 3.25, say) stops the
+build here too, naming both versions and ``pip install cmake``, before scikit-build-core's
+own terser "Could not find CMake".
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import tomllib
 from pathlib import Path
 
 NO_TORCH = (
@@ -58,6 +63,41 @@ def build_tag(torch) -> str:
     return f"pt{major}{minor}" + (f"cu{cuda.replace('.', '')}" if cuda else "cpu")
 
 
+def _cmake_candidates():
+    try:  # the `cmake` package from PyPI, which scikit-build-core prefers
+        import cmake
+
+        yield os.path.join(cmake.CMAKE_BIN_DIR, "cmake")
+    except ImportError:
+        pass
+    for name in ("cmake3", "cmake"):
+        if shutil.which(name):
+            yield shutil.which(name)
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", text)[:3])
+
+
+def check_cmake() -> None:
+    """Stop with the fix when no CMake this build accepts is installed (no-isolation builds)."""
+    spec = tomllib.loads(Path("pyproject.toml").read_text())["tool"]["scikit-build"]["cmake"]["version"]
+    needed = spec.lstrip(">= ")
+    found = []
+    for path in _cmake_candidates():
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            continue
+        version = re.search(r"version (\S+)", out).group(1)
+        if _version_tuple(version) >= _version_tuple(needed):
+            return
+        found.append(f"{version} ({path})")
+    raise RuntimeError(
+        f"liftplace needs CMake {spec} (torch 2.14's C++20 headers need 3.25.2+ for CUDA; docs/CUDA.md) but"
+        f" found {', '.join(found) or 'none'}. Install a newer one into this environment:\n    pip install cmake")
+
+
 def _base_version() -> str:
     text = Path("liftplace/_version.py").read_text(encoding="utf-8")
     return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
@@ -67,7 +107,9 @@ def dynamic_metadata(field: str, settings=None):
     if field == "version":
         if os.environ.get("LIFTPLACE_PLAIN_VERSION", "") == "1":
             return _base_version()
-        return f"{_base_version()}+{build_tag(_torch())}"
+        torch = _torch()
+        check_cmake()
+        return f"{_base_version()}+{build_tag(torch)}"
     if field == "dependencies":
         major, minor = _torch().__version__.split("+")[0].split(".")[:2]
         return ["numpy", f"torch=={major}.{minor}.*"]
