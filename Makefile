@@ -54,8 +54,8 @@ sdist: venv
 	rm -f dist/liftplace-*.tar.gz
 	LIFTPLACE_PLAIN_VERSION=1 $(PY) -m build --sdist --no-isolation -o dist .
 
-# The installed CPU wheel, without a compiler or the source tree: the whole test suite.
-test-wheel: wheel
+# The sdist builds; the installed CPU wheel, without a compiler or the source tree: the whole test suite.
+test-wheel: wheel sdist
 	bash .ci/wheel_check.sh
 
 clean:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI: the CPU wheel in dist/ (make wheel) installed into a fresh venv that has torch but no
+# CI: the sdist in dist/ (make sdist) must build, and the CPU wheel in dist/ (make wheel) installed into a fresh venv that has torch but no
 # compiler on PATH and no source tree on sys.path; the whole test suite runs against it.
 # Also: a default `pip install .` (build isolation on) must stop with the command that works
 # instead of building against some other torch.
@@ -16,6 +16,11 @@ PIP=("$work/venv/bin/python" -m pip --disable-pip-version-check -q)
 quiet() { grep -v "is ignored: it is neither a file nor a directory" >&2 || true; }
 
 stamp "wheel: $whl"
+sdist=$(ls dist/liftplace-*.tar.gz | head -1)
+stamp "the sdist builds on its own: $sdist"
+LIFTPLACE_CUDA=OFF "$root/.venv/bin/python" -m pip --disable-pip-version-check -q wheel --no-build-isolation \
+  --no-deps -w "$work/from-sdist" "$sdist" 2> >(quiet)
+ls "$work"/from-sdist/liftplace-*.whl
 python3 -m venv "$work/venv"
 "${PIP[@]}" install "$TORCH_PKG" 2> >(quiet)
 "${PIP[@]}" install "$whl[train,test]" 2> >(quiet)
