@@ -177,7 +177,7 @@ def lift_place_fwd(x: Tensor, y: Tensor, group_size: int, grouping: str, norm: s
     """
     if use_ext(x.device, "lift_place_fwd"):
         return torch.ops.liftplace.lift_place_fwd(x, y, group_size, grouping, norm, eps, width)
-    return ref.lift_place_fwd(x, y, group_size, grouping, norm, eps, width)
+    return _TwinFwd.apply(x, y, group_size, grouping, norm, eps, width)
 
 
 def lift_place_bwd(grad_rows: Tensor, grad_slope: Tensor | None, grad_intercept: Tensor | None, x: Tensor,
@@ -269,55 +269,71 @@ if HAS_EXT:
         return sums, counts, values.new_empty(values.shape[0], dtype=torch.long)
 
     def _fwd_setup_context(ctx, inputs, output):
-        x, y, group_size, grouping, norm, eps, width = inputs
-        slope, intercept, rows, aux, gid = output
-        ctx.mark_non_differentiable(aux, gid)
-        # Unused outputs (aux, group_id, often slope) then cost no zero-filled gradient.
-        ctx.set_materialize_grads(False)
-        ctx.args = (group_size, grouping, norm, eps, width)
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # nothing to keep for a frozen pair
-            ctx.save_for_backward(x, y, slope, intercept, aux, gid)
+        _save_for_backward(ctx, inputs, output)
 
     def _fwd_backward(ctx, grad_slope, grad_intercept, grad_rows, _grad_aux, _grad_gid):
-        x, y, slope, intercept, aux, gid = ctx.saved_tensors
-        group_size, grouping, norm, eps, width = ctx.args
-        need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if torch.is_grad_enabled():
-            # create_graph=True: the kernel's backward has no derivative of its own, so the
-            # twin recomputes the forward over the saved grouping and autograd differentiates it.
-            grad_x, grad_y = _twin_backward(x, y, gid, (grad_slope, grad_intercept, grad_rows),
-                                            group_size, grouping, norm, eps, width, need_x, need_y)
-        else:
-            if grad_rows is None:
-                grad_rows = slope.new_zeros(x.shape[0], ROW_STATS)
-            grad_x, grad_y = torch.ops.liftplace.lift_place_bwd(
-                grad_rows.contiguous(),
-                None if grad_slope is None else grad_slope.contiguous(),
-                None if grad_intercept is None else grad_intercept.contiguous(),
-                x, y, slope, intercept, aux, gid, group_size, grouping, norm, width, need_y,
-            )
-        return (grad_x if need_x else None), (grad_y if need_y else None), None, None, None, None, None
+        return _backward(ctx, grad_slope, grad_intercept, grad_rows, torch.ops.liftplace.lift_place_bwd)
 
     torch.library.register_autograd(
         "liftplace::lift_place_fwd", _fwd_backward, setup_context=_fwd_setup_context
     )
 
 
-def _twin_backward(x, y, gid, grads, group_size, grouping, norm, eps, width, need_x, need_y):
-    """Differentiable gradients of (slope, intercept, rows) for double backward."""
-    fixed = gid.long() if grouping == "error" else None
-    with torch.enable_grad():
-        xs = x if x.requires_grad else x.detach().requires_grad_(need_x)
-        ys = y if y.requires_grad else y.detach().requires_grad_(need_y)
-        outputs = ref.lift_place_fwd(xs, ys, group_size, grouping, norm, eps, width, gid=fixed)[:3]
-        pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        inputs = [t for t, need in ((xs, need_x), (ys, need_y)) if need]
-        found = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
-                                    create_graph=True, allow_unused=True)
-    found = [torch.zeros_like(t) if g is None else g for g, t in zip(found, inputs)]
-    grad_x = found.pop(0) if need_x else None
-    grad_y = found.pop(0) if need_y else None
-    return grad_x, grad_y
+# ---------------------------------------------------------------------------------------
+# Autograd shared by kernel and twin: the backward is the closed form of METHOD.md §6
+# (the _bwd op, or its twin), never autograd through the forward. Both backends therefore
+# have the same first derivative, and the same second one: under create_graph=True the
+# closed form is evaluated by the twin with the fit recomputed differentiably over the
+# saved grouping, so double backward differentiates exactly the gradient that was used.
+
+def _save_for_backward(ctx, inputs, output) -> None:
+    x, y, group_size, grouping, norm, eps, width = inputs
+    slope, intercept, rows, aux, gid = output
+    ctx.mark_non_differentiable(aux, gid)
+    # Unused outputs (aux, group_id, often slope) then cost no zero-filled gradient.
+    ctx.set_materialize_grads(False)
+    ctx.args = (group_size, grouping, norm, eps, width)
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:  # nothing to keep for a frozen pair
+        ctx.save_for_backward(x, y, slope, intercept, aux, gid)
+
+
+def _backward(ctx, grad_slope, grad_intercept, grad_rows, bwd_op):
+    x, y, slope, intercept, aux, gid = ctx.saved_tensors
+    group_size, grouping, norm, eps, width = ctx.args
+    need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if grad_rows is None:
+        grad_rows = slope.new_zeros(x.shape[0], ROW_STATS)
+    if torch.is_grad_enabled():  # create_graph=True
+        with torch.enable_grad():
+            G = slope.shape[1]
+            fixed = gid.long() if grouping == "error" else ref.group_ids(x, y, group_size, grouping, width)
+            acc = acc_dtype(x.dtype)
+            a, b, mx, my, d, _ = ref.fit(x.to(acc), y.to(acc), fixed, G, eps)
+            slope, intercept, aux = a, b, torch.stack([mx, my, d], dim=2)
+        bwd_op = ref.lift_place_bwd
+    else:
+        grad_rows = grad_rows.contiguous()
+        grad_slope = None if grad_slope is None else grad_slope.contiguous()
+        grad_intercept = None if grad_intercept is None else grad_intercept.contiguous()
+    grad_x, grad_y = bwd_op(grad_rows, grad_slope, grad_intercept, x, y, slope, intercept, aux, gid,
+                            group_size, grouping, norm, width, need_y)
+    return (grad_x if need_x else None), (grad_y if need_y else None), None, None, None, None, None
+
+
+class _TwinFwd(torch.autograd.Function):
+    """The twin forward with the same autograd contract as the registered op."""
+
+    @staticmethod
+    def forward(x, y, group_size, grouping, norm, eps, width):
+        return ref.lift_place_fwd(x, y, group_size, grouping, norm, eps, width)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _save_for_backward(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_slope, grad_intercept, grad_rows, _grad_aux, _grad_gid):
+        return _backward(ctx, grad_slope, grad_intercept, grad_rows, ref.lift_place_bwd)
 
 
 def backend_info() -> dict:
