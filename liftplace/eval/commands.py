@@ -41,6 +41,95 @@ def add_parsers(sub, formatter) -> None:
     p.add_argument("--repeats", type=int, default=10, metavar="N", help="Timed calls per model (median). Default: 10.")
     p.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads. Default: torch's.")
     p.add_argument("--json", default=None, metavar="PATH", help="Also write the record as JSON here.")
+    add_eval_parsers(sub, formatter)
+
+
+def add_eval_parsers(sub, formatter) -> None:
+    p = sub.add_parser(
+        "eval", allow_abbrev=False, formatter_class=formatter,
+        help="Frechet distance (FID) and KID of a model's samples or an image folder",
+        description=textwrap.dedent("""\
+            Score generated images against a reference: the Frechet distance between Gaussians fitted to
+            features (FID with --features inception) and KID (unbiased, polynomial kernel; needs reference
+            images, not only statistics). Generated images: --images DIR, or --model PATH sampled with DDIM
+            into --samples_dir (image i from seed + i; images already there are kept, so a run resumes).
+            Reference: an image folder, `digits` (the built-in train split) or a pytorch-fid .npz with
+            mu/sigma. Writes output_dir/scores.json with the scores and their protocol (extractor and
+            weights SHA-256, versions, N, resize, sampler, steps, reference-stat hash, seed policy).
+            Nothing is downloaded."""),
+        epilog=textwrap.dedent("""\
+            examples:
+              liftplace train-classifier --output runs/digits_classifier.safetensors
+              liftplace eval --model runs/demo/place/student --reference digits \\
+                  --features classifier:runs/digits_classifier.safetensors --num_images 1000 --output_dir runs/eval
+              liftplace eval --images samples/ --reference ref_stats.npz --features inception \\
+                  --inception_weights weights-inception-2015-12-05-6726825d.pth --output_dir runs/eval"""))
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", metavar="PATH", help="Model folder, training output_dir, checkpoint or builtin:NAME.")
+    src.add_argument("--images", metavar="DIR", help="Folder of generated images (all one size).")
+    p.add_argument("--reference", required=True, metavar="REF", help="Image folder, `digits`, or a .npz (mu, sigma).")
+    p.add_argument("--features", required=True, metavar="SPEC", help="`inception` or `classifier:PATH`.")
+    p.add_argument("--inception_weights", metavar="PATH", help="Local Inception weights file (--features inception).")
+    p.add_argument("--output_dir", required=True, metavar="DIR", help="Where scores.json (and samples/) go.")
+    p.add_argument("--samples_dir", metavar="DIR", help="Where --model's samples go. Default: output_dir/samples.")
+    p.add_argument("--num_images", type=int, default=1000, metavar="N", help="Samples from --model. Default: 1000.")
+    p.add_argument("--batch_size", type=int, default=64, metavar="B", help="Sampling batch. Default: 64.")
+    p.add_argument("--num_inference_steps", type=int, default=50, metavar="STEPS", help="DDIM steps. Default: 50.")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta. Default: 0.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of image 0 (image i uses seed + i). Default: 0.")
+    p.add_argument("--kid_subsets", type=int, default=100, metavar="K", help="KID subsets. Default: 100.")
+    p.add_argument("--kid_subset_size", type=int, default=1000, metavar="M", help="KID subset size. Default: 1000.")
+    p.add_argument("--save_reference_stats", metavar="NPZ", help="Also write the reference mu/sigma here.")
+    p.add_argument("--allow_small_n", action="store_true",
+                   help="Score even when N <= feature dim (singular covariance; a rough number).")
+    p.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads. Default: torch's.")
+    _device_arg(p)
+
+    p = sub.add_parser(
+        "train-classifier", allow_abbrev=False, formatter_class=formatter,
+        help="train the small CNN behind --features classifier:PATH",
+        description="Train the small CNN whose features `liftplace eval --features classifier:PATH` uses, on the "
+                    "built-in digits or a labelled folder (DIR/<class>/*.png); under a minute on 2 CPU cores.",
+        epilog="example: liftplace train-classifier --data digits --output runs/digits_classifier.safetensors")
+    p.add_argument("--data", default="digits", metavar="DATA", help="`digits` or a folder with one subfolder per class.")
+    p.add_argument("--output", required=True, metavar="FILE", help="The .safetensors file to write.")
+    p.add_argument("--resolution", type=int, default=16, metavar="R", help="Image side. Default: 16.")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="For a folder: 1 or 3. Default: 1.")
+    p.add_argument("--epochs", type=int, default=20, metavar="E", help="Default: 20.")
+    p.add_argument("--seed", type=int, default=0, help="Default: 0 (the demo's classifier).")
+
+
+def eval_command(args) -> int:
+    import torch
+
+    from .fid import evaluate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rec = evaluate(images=args.images, model=args.model, reference=args.reference, features=args.features,
+                   output_dir=args.output_dir, inception_weights=args.inception_weights, num_images=args.num_images,
+                   batch_size=args.batch_size, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                   seed=args.seed, samples_dir=args.samples_dir, device=args.device, kid_subsets=args.kid_subsets,
+                   kid_subset_size=args.kid_subset_size, save_reference_stats=args.save_reference_stats,
+                   allow_small_n=args.allow_small_n)
+    p = rec["protocol"]
+    print(f"features {p['features']['name']} ({p['features']['feature_dim']}-d, sha256 "
+          f"{p['features']['sha256'][:12]}), N {p['images']['n']}, resize {p['resize']}, reference "
+          f"{p['reference']['path']} (stats {p['reference']['stats_sha256'][:12]})")
+    for k, v in rec["scores"].items():
+        print(f"{k}: {v:.6g}")
+    print(f"written: {args.output_dir}/scores.json (protocol included)")
+    return 0
+
+
+def train_classifier_command(args) -> int:
+    from .classifier import save_classifier, train_classifier
+
+    model, acc, meta = train_classifier(args.data, resolution=args.resolution, channels=args.channels,
+                                        seed=args.seed, epochs=args.epochs)
+    path = save_classifier(model, args.output, meta)
+    print(f"classifier on {args.data}: held-out accuracy {100 * acc:.2f} % -> {path}")
+    return 0
 
 
 def cost_command(args) -> int:
@@ -84,4 +173,4 @@ def cost_command(args) -> int:
     return 0
 
 
-COMMANDS = {"cost": cost_command}
+COMMANDS = {"cost": cost_command, "eval": eval_command, "train-classifier": train_classifier_command}
