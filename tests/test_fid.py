@@ -1,6 +1,7 @@
 """``liftplace eval``: Fréchet distance and KID against closed forms, the whole pipeline on a
 random-weight classifier (nothing downloaded), the demo's digits metric, bad input."""
 
+import hashlib
 import json
 import math
 
@@ -233,3 +234,37 @@ def test_bad_input_names_the_fix(tmp_path, capsys):
     assert main(["eval", "--images", str(tmp_path / "empty"), "--reference", "digits", "--features", feats,
                  "--output_dir", str(tmp_path / "o")]) == 2
     assert "holds no images" in capsys.readouterr().err
+
+
+def test_inception_path_on_a_stand_in_network(tmp_path, monkeypatch):
+    """The --features inception glue (uint8 in, gray repeated to RGB, batching, protocol) with a
+    random-weight stand-in for torch-fidelity's extractor: nothing is installed or downloaded."""
+    import sys
+    import types
+
+    class FakeInception(torch.nn.Module):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None):
+            super().__init__()
+            assert name == "inception-v3-compat" and features_list == ["2048"]
+            torch.manual_seed(0)
+            self.proj = torch.nn.Linear(3, 2048)
+
+        def forward(self, x):
+            assert x.dtype == torch.uint8 and x.ndim == 4 and x.shape[1] == 3
+            return (self.proj(x.float().mean((2, 3)) / 255),)
+
+    fid_mod = types.ModuleType("torch_fidelity.feature_extractor_inceptionv3")
+    fid_mod.FeatureExtractorInceptionV3 = FakeInception
+    pkg = types.ModuleType("torch_fidelity")
+    pkg.__version__ = "stand-in"
+    monkeypatch.setitem(sys.modules, "torch_fidelity", pkg)
+    monkeypatch.setitem(sys.modules, "torch_fidelity.feature_extractor_inceptionv3", fid_mod)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"stand-in")
+    images = _reference_folder(tmp_path, n=10)
+    rec = evaluate(images=images, reference=images, features="inception", inception_weights=weights,
+                   output_dir=tmp_path / "o", allow_small_n=True, kid_subsets=2)
+    assert rec["scores"]["fid"] == rec["scores"]["frechet_distance"] < 1e-6
+    p = rec["protocol"]["features"]
+    assert p["feature_dim"] == 2048 and p["sha256"] == hashlib.sha256(b"stand-in").hexdigest()
+    assert "299x299" in rec["protocol"]["resize"]
