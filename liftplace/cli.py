@@ -1,4 +1,4 @@
-"""``liftplace`` command line: distill, train-teacher, sample, demo."""
+"""``liftplace`` command line: distill, train-teacher, sample, demo; cost, eval, train-classifier (eval/commands.py)."""
 
 from __future__ import annotations
 
