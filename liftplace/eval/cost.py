@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..train.models import DTYPES, ModelFamily, count_parameters
@@ -105,7 +106,7 @@ class _LiveTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
-        for t in torch.utils._pytree.tree_leaves(out):
+        for t in tree_leaves(out):
             if isinstance(t, Tensor) and t.device.type != "meta":
                 ref = self._weak(t.untyped_storage())
                 if ref.cdata not in self.live:
