@@ -132,9 +132,10 @@ def test_pipeline_on_a_random_weight_extractor(tmp_path, capsys):
     # a folder of images scores the same as the model run that wrote it; .npz statistics too
     npz = tmp_path / "ref.npz"
     evaluate(images=tmp_path / "a" / "samples", reference=ref, features=f"classifier:{clf}",
-             output_dir=tmp_path / "c", kid_subsets=3, save_reference_stats=npz)
+             output_dir=tmp_path / "c", kid_subsets=3, save_reference_stats=npz, precision_recall_k=3)
     folder = json.loads((tmp_path / "c" / "scores.json").read_text())
-    assert folder["scores"] == rec["scores"]
+    assert 0 <= folder["scores"].pop("precision") <= 1 and 0 <= folder["scores"].pop("recall") <= 1
+    assert folder["scores"] == rec["scores"] and folder["protocol"]["precision_recall"]["k"] == 3
     via_npz = evaluate(images=tmp_path / "a" / "samples", reference=str(npz), features=f"classifier:{clf}",
                        output_dir=tmp_path / "d")
     assert via_npz["scores"] == {"frechet_distance": rec["scores"]["frechet_distance"]}
@@ -268,3 +269,18 @@ def test_inception_path_on_a_stand_in_network(tmp_path, monkeypatch):
     p = rec["protocol"]["features"]
     assert p["feature_dim"] == 2048 and p["sha256"] == hashlib.sha256(b"stand-in").hexdigest()
     assert "299x299" in rec["protocol"]["resize"]
+
+
+def test_precision_recall():
+    from liftplace.eval.frechet import precision_recall
+
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn(300, 4, generator=g)
+    assert precision_recall(real, real) == (1.0, 1.0)
+    assert precision_recall(real, real + 100) == (0.0, 0.0)
+    # a generator that covers half the real distribution: precise, but recall about 1/2
+    half = real[real[:, 0] > 0]
+    p, r = precision_recall(real, half)
+    assert p == 1.0 and 0.4 < r < 0.65
+    with pytest.raises(ValueError, match="needs more than 3 points"):
+        precision_recall(real[:3], real)

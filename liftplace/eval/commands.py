@@ -80,6 +80,8 @@ def add_eval_parsers(sub, formatter) -> None:
     p.add_argument("--kid_subsets", type=int, default=100, metavar="K", help="KID subsets. Default: 100.")
     p.add_argument("--kid_subset_size", type=int, default=1000, metavar="M", help="KID subset size. Default: 1000.")
     p.add_argument("--save_reference_stats", metavar="NPZ", help="Also write the reference mu/sigma here.")
+    p.add_argument("--precision_recall", type=int, nargs="?", const=3, default=None, metavar="K",
+                   help="Also improved precision/recall with K nearest neighbours (default K: 3).")
     p.add_argument("--allow_small_n", action="store_true",
                    help="Score even when N <= feature dim (singular covariance; a rough number).")
     p.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads. Default: torch's.")
@@ -111,7 +113,7 @@ def eval_command(args) -> int:
                    batch_size=args.batch_size, num_inference_steps=args.num_inference_steps, eta=args.eta,
                    seed=args.seed, samples_dir=args.samples_dir, device=args.device, kid_subsets=args.kid_subsets,
                    kid_subset_size=args.kid_subset_size, save_reference_stats=args.save_reference_stats,
-                   allow_small_n=args.allow_small_n)
+                   allow_small_n=args.allow_small_n, precision_recall_k=args.precision_recall)
     p = rec["protocol"]
     print(f"features {p['features']['name']} ({p['features']['feature_dim']}-d, sha256 "
           f"{p['features']['sha256'][:12]}), N {p['images']['n']}, resize {p['resize']}, reference "

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from ..train.data import IMAGE_EXTENSIONS
 from .classifier import file_sha256, load_classifier
-from .frechet import frechet_distance_from_stats, gaussian_stats, kid, load_stats, save_stats, stats_sha256
+from .frechet import (frechet_distance_from_stats, gaussian_stats, kid, load_stats, precision_recall, save_stats,
+                      stats_sha256)
 
 __all__ = ["ClassifierFeatures", "InceptionFeatures", "evaluate", "generate_samples", "load_images",
            "make_extractor"]
@@ -277,7 +278,8 @@ def _versions() -> dict:
 def evaluate(*, images=None, model=None, reference: str, features: str, output_dir, inception_weights=None,
              num_images: int = 1000, batch_size: int = 64, num_inference_steps: int = 50, eta: float = 0.0,
              seed: int = 0, samples_dir=None, device=None, kid_subsets: int = 100, kid_subset_size: int = 1000,
-             reference_limit: int | None = None, save_reference_stats=None, allow_small_n: bool = False) -> dict:
+             reference_limit: int | None = None, save_reference_stats=None, allow_small_n: bool = False,
+             precision_recall_k: int | None = None) -> dict:
     """Score ``images`` (a folder) or ``model`` (sampled first) against ``reference``; writes
     ``output_dir/scores.json`` and returns it."""
     t0 = time.perf_counter()
@@ -317,8 +319,14 @@ def evaluate(*, images=None, model=None, reference: str, features: str, output_d
                                                seed=0)
         kid_info = {"kernel": "(x.y/d + 1)^3", "subsets": kid_subsets,
                     "subset_size": min(kid_subset_size, n, r_feats.shape[0]), "seed": 0, "estimator": "unbiased"}
+    if precision_recall_k:
+        if r_feats is None:
+            raise ValueError("precision/recall needs reference images (a folder or digits), not .npz statistics")
+        scores["precision"], scores["recall"] = precision_recall(r_feats, feats, k=precision_recall_k)
     protocol = {
         "features": extractor.protocol,
+        "precision_recall": ({"method": "Kynkäänniemi et al. 2019 (k-NN balls)", "k": precision_recall_k}
+                             if precision_recall_k else None),
         "resize": extractor.resize_method(tuple(u8.shape[-2:])),
         "images": {"n": n, "size": list(u8.shape[1:]), "storage": "8-bit PNG"},
         "generated": generated,

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["frechet_distance_from_stats", "gaussian_stats", "kid", "load_stats", "save_stats", "stats_sha256"]
+__all__ = ["frechet_distance_from_stats", "gaussian_stats", "kid", "load_stats", "precision_recall", "save_stats",
+           "stats_sha256"]
 
 
 def _as_2d_float64(name: str, feats) -> Tensor:
@@ -88,6 +89,32 @@ def kid(feats_a, feats_b, *, num_subsets: int = 100, subset_size: int = 1000, se
         values.append(float(off - 2 * kxy.sum() / (m * m)))
     v = torch.tensor(values, dtype=torch.float64)
     return float(v.mean()), float(v.std(unbiased=False)) if len(values) > 1 else 0.0
+
+
+def _covered(points: Tensor, centres: Tensor, radii: Tensor, chunk: int = 1024) -> Tensor:
+    """For each row of ``points``: is it inside some ball (``centres``, ``radii``)?"""
+    out = [(torch.cdist(points[i:i + chunk], centres) <= radii).any(1) for i in range(0, points.shape[0], chunk)]
+    return torch.cat(out)
+
+
+def precision_recall(real_feats, fake_feats, *, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): each set's manifold is the
+    union of balls reaching every point's ``k``-th nearest neighbour in its own set; precision
+    is the fraction of generated points inside the real manifold, recall the fraction of real
+    points inside the generated one."""
+    real = _as_2d_float64("real features", real_feats)
+    fake = _as_2d_float64("generated features", fake_feats)
+    if min(real.shape[0], fake.shape[0]) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} points per set, got "
+                         f"{real.shape[0]} real and {fake.shape[0]} generated")
+
+    def radii(x):  # distance to the k-th neighbour, the point itself excluded
+        return torch.cat([torch.cdist(x[i:i + 1024], x).kthvalue(k + 1, dim=1).values
+                          for i in range(0, x.shape[0], 1024)])
+
+    precision = float(_covered(fake, real, radii(real)).double().mean())
+    recall = float(_covered(real, fake, radii(fake)).double().mean())
+    return precision, recall
 
 
 def stats_sha256(mu, sigma) -> str:
