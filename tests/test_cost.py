@@ -112,6 +112,14 @@ def test_cost_cli_json_record(tmp_path, capsys):
     assert set(rec["blocks"][0]) == {"block", "teacher_parameters", "student_parameters", "teacher_macs",
                                      "student_macs"}
     assert "MACs per call" in capsys.readouterr().out
+    # --resolution and --dtype: a quarter of the pixels, a quarter of the MACs whatever the dtype
+    # (but for the time embedding's, which do not depend on the pixels)
+    assert main(["cost", "--student", s_dir, "--resolution", "8", "--dtype", "bf16", "--repeats", "1",
+                 "--num_inference_steps", "1", "--json", str(out)]) == 0
+    small = json.loads(out.read_text())
+    assert small["protocol"]["sample_shape"] == [1, 8, 8] and small["protocol"]["dtype"] == "bf16"
+    per_image = rec["models"]["student"]["macs_per_call"] // 2
+    assert small["models"]["student"]["macs_per_call"] * 4 == pytest.approx(per_image, rel=0.01)
     # one model alone: no ratio
     assert main(["cost", "--student", s_dir, "--repeats", "1", "--num_inference_steps", "1",
                  "--json", str(out)]) == 0

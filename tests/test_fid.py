@@ -124,6 +124,10 @@ def test_pipeline_on_a_random_weight_extractor(tmp_path, capsys):
                             "--allow_small_n", "--output_dir", str(tmp_path / "b")]) == 0
     a, b = load_images(tmp_path / "a" / "samples"), load_images(tmp_path / "b" / "samples")
     assert torch.equal(a[:7], b)
+    # `liftplace sample` writes images and grid.png: the folder scores as it is
+    assert main(["sample", "--model", model, "--num_images", "9", "--batch_size", "4", "--num_inference_steps", "2",
+                 "--output_dir", str(tmp_path / "sampled"), "--device", "cpu"]) == 0
+    assert torch.equal(load_images(tmp_path / "sampled"), a[:9])
     assert main(args + ["--output_dir", str(tmp_path / "b")]) == 0
     rec_b = json.loads((tmp_path / "b" / "scores.json").read_text())
     assert rec_b["protocol"]["generated"]["reused"] == 7

@@ -43,14 +43,16 @@ SEED_POLICY = "image i is sampled from noise seeded seed + i alone (independent 
 # --- images -----------------------------------------------------------------------------------
 
 def load_images(folder, *, limit: int | None = None, what: str = "images") -> Tensor:
-    """uint8 ``[N, C, H, W]`` of the images directly in ``folder`` (sorted by name), C = 1 for
-    grayscale files and 3 for RGB; every image must have the same size and channels."""
+    """uint8 ``[N, C, H, W]`` of the images directly in ``folder`` (sorted by name, ``grid.png``
+    skipped), C = 1 for grayscale files and 3 for RGB; every image must have the same size and
+    channels."""
     from PIL import Image
 
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{what} folder {str(folder)!r} does not exist")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    # grid.png is the overview `liftplace sample` writes beside its images, not a sample
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name != "grid.png")
     if limit is not None:
         files = files[:limit]
     if not files:
