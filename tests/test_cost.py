@@ -45,6 +45,17 @@ def test_peak_memory_cpu_counts_live_operator_outputs():
 
     peak, method = peak_memory(Twice(), torch.randn(1000), torch.zeros(1))
     assert peak == 4000 + 4
+    # a view of a weight (F.linear's weight.t()) or of the input allocates nothing: only the output counts
+    class ViewLinear(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(1000, 10, bias=False)
+
+        def forward(self, x, t):
+            return self.lin(x.view(1, 1000))
+
+    peak, _ = peak_memory(ViewLinear(), torch.randn(1000), torch.zeros(1))
+    assert peak == 10 * 4
     assert "kernel scratch not counted" in method
 
 

@@ -93,11 +93,13 @@ def count_macs(model: nn.Module, *args, family: ModelFamily | None = None) -> tu
 class _LiveTensorBytes(TorchDispatchMode):
     """Peak total size of live storages created by operators (CPU memory stand-in)."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
         from torch.multiprocessing.reductions import StorageWeakRef
 
         self._weak = StorageWeakRef
+        # weights and inputs: views of them (a linear layer's weight.t()) allocate nothing
+        self.existing = {StorageWeakRef(t.untyped_storage()).cdata for t in existing}
         self.live: dict[int, tuple] = {}  # storage cdata -> (weakref, nbytes)
         self.current = 0
         self.peak = 0
@@ -109,7 +111,7 @@ class _LiveTensorBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, Tensor) and t.device.type != "meta":
                 ref = self._weak(t.untyped_storage())
-                if ref.cdata not in self.live:
+                if ref.cdata not in self.live and ref.cdata not in self.existing:
                     nbytes = t.untyped_storage().nbytes()
                     self.live[ref.cdata] = (ref, nbytes)
                     self.current += nbytes
@@ -127,7 +129,7 @@ def peak_memory(model: nn.Module, x: Tensor, t: Tensor, family: ModelFamily | No
         _call(family, model, x, t)
         torch.cuda.synchronize(x.device)
         return torch.cuda.max_memory_allocated(x.device) - base, "torch.cuda.max_memory_allocated minus before"
-    mode = _LiveTensorBytes()
+    mode = _LiveTensorBytes([x, t, *model.parameters(), *model.buffers()])
     with mode:
         out = _call(family, model, x, t)
     del out
