@@ -62,6 +62,13 @@ def _blocks(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _check_unconditional(family: ModelFamily | None) -> None:
+    if family is not None and family.cond_keys:
+        raise ValueError(f"the {family.name} family needs conditioning ({', '.join(family.cond_keys)}) for every "
+                         "call; measuring it (and sampling it for eval) is not supported yet: only unconditional "
+                         "families are")
+
+
 def _call(family: ModelFamily | None, model: nn.Module, x: Tensor, t: Tensor):
     if family is None:
         return model(x, t)
@@ -167,6 +174,7 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
                    ("repeats", repeats), ("sample_repeats", sample_repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{key} must be a positive int, got {v!r}")
+    _check_unconditional(family)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():

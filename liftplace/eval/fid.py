@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..train.data import IMAGE_EXTENSIONS
 from .classifier import file_sha256, load_classifier
+from .cost import _check_unconditional
 from .frechet import (frechet_distance_from_stats, gaussian_stats, kid, load_stats, precision_recall, save_stats,
                       stats_sha256)
 
@@ -191,6 +192,7 @@ def generate_samples(model_path, samples_dir, num_images: int, *, batch_size: in
         if v < 1:
             raise ValueError(f"--{key} must be >= 1, got {v}")
     family, model, sched_cfg, model_dir = load_for_sampling(model_path)
+    _check_unconditional(family)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     samples_dir = Path(samples_dir)
