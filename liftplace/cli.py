@@ -1,4 +1,4 @@
-"""``liftplace`` command line: distill, train-teacher, sample, demo."""
+"""``liftplace`` command line: distill, train-teacher, sample, demo; cost, eval, train-classifier (eval/commands.py)."""
 
 from __future__ import annotations
 
@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads. Default: 1 -- the demo's models are small, and one thread is "
                         "several times faster than two when the cores are shared with other work; on an idle "
                         "machine --threads 2 is somewhat faster.")
+    from .eval.commands import add_parsers
+
+    add_parsers(sub, _formatter)  # cost, eval, train-classifier
     return parser
 
 
@@ -187,6 +190,10 @@ def main(argv=None) -> int:
                      teacher=args.teacher, num_samples=args.num_samples, threads=args.threads,
                      argv=list(argv) if argv is not None else sys.argv[1:])
             return 0
+        from .eval.commands import COMMANDS
+
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](args)
     except (ConfigError, CheckpointError, ValueError) as exc:
         print(f"liftplace {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -32,6 +32,7 @@ from ..train.sampling import ddim_sample, ddim_scheduler_from, load_for_sampling
 from ..train.trainer import Trainer
 from .metrics import sample_quality, teacher_agreement, train_digits_classifier
 from .plots import plot_training_curves, save_image_grid
+from .report import append_cost_and_eval
 
 # Distillation settings shared by the three students (configs/digits_place.yaml mirrors them).
 DEMO_BASE = dict(
@@ -243,6 +244,8 @@ def run_demo(*, quick: bool = False, output_dir="runs/demo", seed: int = 0, step
                          out / "training_curves.png", keys=CURVE_KEYS)
     timings["total"] = time.perf_counter() - t_start
     report = _write_report(out, rows, runs, s, seed, teacher, t_dir, clf_acc, timings, cache, argv)
+    first = next(iter(runs.values()))[2].model_dir
+    append_cost_and_eval(report, out, teacher, first, classifier, clf_acc, s.ddim_steps, n)
     results = {"seed": seed, "quick": quick, "steps": s.steps, "batch_size": s.batch_size,
                "num_samples": s.num_samples, "ddim_steps": s.ddim_steps, "classifier_accuracy": clf_acc,
                "teacher": str(teacher), "threads": torch.get_num_threads(), "timings_s": timings,

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..train.data import DigitsDataset
+from .frechet import _as_2d_float64, frechet_distance_from_stats, gaussian_stats
 
 __all__ = [
     "DigitsClassifier",
@@ -33,18 +34,18 @@ logger = logging.getLogger(__name__)
 
 
 class DigitsClassifier(nn.Module):
-    """A small CNN for ``[N, 1, res, res]`` digits in [-1, 1] (any res >= 8).
+    """A small CNN for ``[N, in_channels, res, res]`` images in [-1, 1] (any res >= 8).
 
     ``features(x)`` is the ``feature_dim``-wide penultimate layer, taken before its
     ReLU so that no unit is identically zero (a dead unit would make the feature
     covariance singular); ``forward(x)`` gives logits ``[N, 10]``.
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 16, feature_dim: int = 64):
+    def __init__(self, num_classes: int = 10, width: int = 16, feature_dim: int = 64, in_channels: int = 1):
         super().__init__()
         self.feature_dim = feature_dim
         self.body = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
@@ -140,7 +141,8 @@ def _fit_classifier(train, test, seed, epochs, device, batch_size, lr, augment):
     t0 = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = DigitsClassifier().to(device)
+        # a labelled folder (liftplace.eval.classifier) may be RGB or have other than 10 classes
+        model = DigitsClassifier(num_classes=train.num_classes, in_channels=train.images.shape[1]).to(device)
     g = torch.Generator().manual_seed(seed)
     x_all, y_all = train.images, train.labels
     n = x_all.shape[0]
@@ -175,24 +177,6 @@ def _fit_classifier(train, test, seed, epochs, device, batch_size, lr, augment):
     return model, acc
 
 
-def _as_2d_float64(name: str, feats) -> Tensor:
-    t = torch.as_tensor(feats).detach().to(device="cpu", dtype=torch.float64)
-    if t.ndim != 2:
-        raise ValueError(f"{name} must have shape [N, D], got {list(t.shape)}")
-    if t.shape[0] < 2:
-        raise ValueError(f"{name} needs at least 2 rows to fit a covariance, got {t.shape[0]}")
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or Inf")
-    return t
-
-
-def _sqrt_psd(m: Tensor) -> Tensor:
-    """Square root of a symmetric positive semi-definite matrix via ``eigh``."""
-    vals, vecs = torch.linalg.eigh((m + m.T) / 2)
-    # Rounding can leave tiny negative eigenvalues on a singular covariance.
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-
-
 def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to ``feats_a`` [Na, D] and ``feats_b`` [Nb, D].
 
@@ -212,14 +196,7 @@ def frechet_distance(feats_a: Tensor, feats_b: Tensor) -> float:
         raise ValueError(
             f"feats_a and feats_b must have the same feature dim, got {a.shape[1]} and {b.shape[1]}"
         )
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a = torch.cov(a.T).reshape(a.shape[1], a.shape[1])
-    cov_b = torch.cov(b.T).reshape(b.shape[1], b.shape[1])
-    s = _sqrt_psd(cov_a)
-    cross = torch.linalg.eigvalsh(s @ cov_b @ s).clamp_min(0).sqrt().sum()
-    d2 = (mu_a - mu_b).square().sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross
-    # The exact value is >= 0; rounding can leave about -1e-12 for identical sets.
-    return max(float(d2), 0.0)
+    return frechet_distance_from_stats(*gaussian_stats(a), *gaussian_stats(b))
 
 
 def _model_device_dtype(model, fallback: Tensor) -> tuple[torch.device, torch.dtype]:

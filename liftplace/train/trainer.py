@@ -168,6 +168,10 @@ class Trainer:
             self.log.info(compression_summary(self.teacher_params, self.student_params), main_process_only=True)
         else:
             self.log.info(f"model {self.student_params:,} parameters", main_process_only=True)
+        if acc.is_main_process:
+            from ..eval.cost import log_cost_summary  # eval imports train: import here, not at the top
+
+            log_cost_summary(self.log, self.teacher, self.student, family, shape)
 
         self.noise_scheduler = make_noise_scheduler(cfg)
         self.objective = NoiseObjective(self.noise_scheduler)
