@@ -19,6 +19,8 @@ from pathlib import Path
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 KD_LOSSES = ("place", "lift", "output", "none")
+MODEL_TYPES = ("auto", "unet2d", "unet2d_condition")
+STUDENT_ARCHS = ("bk_base", "bk_small", "bk_tiny")
 
 
 class ConfigError(ValueError):
@@ -39,8 +41,10 @@ class TrainConfig:
     """Every knob of ``liftplace distill`` / ``train-teacher``; see ``liftplace distill --help``."""
 
     # --- models ------------------------------------------------------------------------
-    model_type: str = _f("unet2d", "Model family (the calling convention of teacher and student).", "model",
-                         choices=("unet2d",))
+    model_type: str = _f("auto", "Model family (the calling convention of teacher and student): auto = from the "
+                         "teacher's config.json (_class_name), unet2d (UNet2DModel, pixels) or unet2d_condition "
+                         "(UNet2DConditionModel: VAE latents, CLIP prompt embeddings).", "model",
+                         choices=MODEL_TYPES)
     pretrained_model_name_or_path: str | None = _f(
         None, "Teacher: a local diffusers model folder (save_pretrained: config.json + weights) or a "
         "pipeline folder with unet/. Nothing is downloaded. 'builtin:digits' is the teacher shipped "
@@ -64,6 +68,17 @@ class TrainConfig:
     student_norm_num_groups: int | None = _f(
         None, "Derived student: GroupNorm groups (default: the teacher's, reduced to divide every "
         "width).", "model")
+    student_arch: str | None = _f(
+        None, "unet2d_condition: a BK-SDM student made from the teacher by block removal, every remaining "
+        "weight copied from the teacher (BK-SDM's use_copy_weight_from_teacher); the student<-teacher module "
+        "mapping is printed. bk_base: one resnet(+attention) less per down and up stage; bk_small: also no "
+        "mid block; bk_tiny: also no innermost stage.", "model", choices=STUDENT_ARCHS)
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder).",
+        "model")
+    text_encoder_path: str | None = _f(
+        None, "unet2d_condition: a folder with text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer), "
+        "e.g. a pipeline folder (default: the teacher's pipeline folder). Frozen.", "model")
 
     # --- data --------------------------------------------------------------------------
     dataset_name: str = _f("digits", "'digits' (scikit-learn's bundled digits, upscaled), 'synthetic', "
@@ -73,6 +88,15 @@ class TrainConfig:
     center_crop: bool = _f(True, "Image folders: centre crop (else random crop) after resizing.", "data")
     random_flip: bool = _f(False, "Flip training images horizontally with probability 0.5.", "data")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0: load in the main process).", "data")
+    image_column: str = _f("image", "Captioned data (train_data_dir with metadata.jsonl/.csv): the column of "
+                           "image file names, relative to the folder.", "data")
+    caption_column: str = _f("text", "Captioned data: the column of captions.", "data")
+    max_train_samples: int | None = _f(None, "Keep only the first this many training samples.", "data")
+    cond_drop_prob: float = _f(0.0, "unet2d_condition: probability of replacing a caption by the empty prompt "
+                               "(the null condition of classifier-free guidance).", "data")
+    vae_sample_mode: str = _f("sample", "unet2d_condition: latents are a sample of the VAE's posterior or its "
+                              "mean; scaled by the VAE's scaling_factor (after its shift_factor).", "data",
+                              choices=("sample", "mean"))
 
     # --- noise schedule ------------------------------------------------------------------
     prediction_type: str = _f("epsilon", "What the models predict (the DDPMScheduler prediction type); "
@@ -144,7 +168,12 @@ class TrainConfig:
     logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.", "log")
     validation_steps: int = _f(500, "Save a DDIM sample grid from the (EMA) student every this many steps "
                                "and at the end (0: only at the end).", "log")
-    num_validation_images: int = _f(16, "Images in each validation grid.", "log")
+    num_validation_images: int = _f(16, "Images in each validation grid (per prompt for unet2d_condition).",
+                                    "log")
+    validation_prompts: list[str] | None = _f(
+        None, "unet2d_condition: prompts of the validation grids (default: the first training captions).", "log")
+    guidance_scale: float = _f(7.5, "unet2d_condition: classifier-free guidance scale of the validation "
+                               "grids (1: no guidance).", "log")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every this many steps (and at the end).",
                                   "log")
     checkpoints_total_limit: int | None = _f(None, "Keep only this many most recent checkpoints.", "log")
@@ -211,6 +240,16 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v < 1 and not (name == "ema_decay" and v == 1):
                 raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        if not 0 <= self.cond_drop_prob <= 1:
+            raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+        if not (self.guidance_scale >= 1 and math.isfinite(self.guidance_scale)):
+            raise ConfigError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"max_train_samples must be >= 1 (or null), got {self.max_train_samples}")
+        if self.student_arch is not None and (self.student_config is not None
+                                              or self.student_model_name_or_path is not None):
+            raise ConfigError("set only one of student_arch, student_config and student_model_name_or_path "
+                              "(the student)")
         if not 0 < self.student_width_mult <= 1:
             raise ConfigError(f"student_width_mult must be in (0, 1], got {self.student_width_mult}")
         if self.group_size < 2:
@@ -296,14 +335,20 @@ def _field_kinds() -> dict:
             args = set(typing.get_args(hints[f.name])) or {hints[f.name]}
             optional = type(None) in args
             args.discard(type(None))
-            base = "model_config" if dict in args else next(iter(args))
+            if dict in args:
+                base = "model_config"
+            elif any(typing.get_origin(a) is list for a in args):
+                base = "str_list"
+            else:
+                base = next(iter(args))
             kinds[f.name] = (base, optional)
         _KINDS = kinds
     return _KINDS
 
 
 def _type_name(base) -> str:
-    return {"model_config": "a mapping or a JSON file path"}.get(base, getattr(base, "__name__", str(base)))
+    names = {"model_config": "a mapping or a JSON file path", "str_list": "a list of strings"}
+    return names[base] if isinstance(base, str) else getattr(base, "__name__", str(base))
 
 
 def _check_type(key: str, value, kind, source: str):
@@ -323,6 +368,8 @@ def _check_type(key: str, value, kind, source: str):
         ok = isinstance(value, str)
     elif base == "model_config":
         ok = isinstance(value, (dict, str))
+    elif base == "str_list":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
         raise ConfigError(f"{source}: key {key!r} must be {_type_name(base)}{' or null' if optional else ''}, "
                           f"got {type(value).__name__} {value!r}")
@@ -416,13 +463,13 @@ def load_model_config(value, what: str) -> dict:
     return data
 
 
-def validate_against_model(cfg: TrainConfig, model_config: dict, what: str) -> None:
+def validate_against_model(cfg: TrainConfig, model_config: dict, what: str, resolution: int | None = None) -> None:
     """Check ``cfg`` against one model's config (its ``config.json`` as a dict) before the model is
     built; ``what`` names where the model comes from (a config key). Raises :class:`ConfigError`."""
     down = model_config.get("down_block_types")
     if isinstance(down, (list, tuple)) and len(down) > 1:
         factor = 2 ** (len(down) - 1)
-        r = cfg.resolution
+        r = resolution or cfg.resolution
         if r % factor:
             lower, upper = max(factor, r // factor * factor), (r // factor + 1) * factor
             raise ConfigError(f"resolution={r} does not fit {what}: its {len(down)} down blocks "
@@ -430,11 +477,13 @@ def validate_against_model(cfg: TrainConfig, model_config: dict, what: str) -> N
                               f"multiple of {factor}; use resolution {lower} or {upper}")
 
 
-def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, student=None) -> None:
+def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, student=None,
+                    resolution: int | None = None) -> None:
     """:func:`validate_against_model` for every model the run will build or load, from the configs
     alone (``config.json`` of a model folder, ``teacher_config`` / ``student_config``), before any
     model is instantiated. ``teacher`` / ``student``: models passed in directly (their ``.config``).
-    ``role="teacher"`` (train-teacher): the model trained is ``student`` or the teacher keys."""
+    ``role="teacher"`` (train-teacher): the model trained is ``student`` or the teacher keys.
+    ``resolution``: the size the models see (the latent size for latent models; default ``cfg.resolution``)."""
     from .models import read_config, resolve_model_dir  # models imports this module
 
     def from_keys(module, name: str, path_key: str, config_key: str):
@@ -454,7 +503,7 @@ def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, st
                    from_keys(student, "student", "student_model_name_or_path", "student_config")]
     for source in sources:
         if source is not None:
-            validate_against_model(cfg, source[1], source[0])
+            validate_against_model(cfg, source[1], source[0], resolution)
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -530,6 +579,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, skip=(), defaults: 
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_cli_parser(f.name), help=text)
         if base is bool:
             kwargs.update(nargs="?", const=True, metavar="{true,false}" + (",none" if optional else ""))
+        elif base == "str_list":
+            kwargs.update(nargs="+", type=str, metavar="TEXT")
         elif choices:
             kwargs["metavar"] = "{" + ",".join(choices) + "}"
         else:

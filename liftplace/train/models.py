@@ -3,9 +3,9 @@
 The training step never calls a model directly: it goes through a :class:`ModelFamily`,
 which knows the model class, how to call it on ``(noisy, timesteps, conditioning)``,
 which blocks carry features for feature KD, and how to derive a smaller student.
-Pixel ``UNet2DModel`` is the one family today; conditional U-Nets, DiTs and latent
-models add a family (and, for latents, an encoder in the data path) without
-touching the step.
+Families: pixel ``UNet2DModel`` (``unet2d``) and text-conditional
+``UNet2DConditionModel`` (``unet2d_condition``, the Stable Diffusion U-Net; its latents and
+prompt embeddings come from the frozen encoders of ``latent.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class ModelFamily:
     name: str
     class_names: tuple[str, ...]
     cond_keys: tuple[str, ...] = ()
-    end_of_run: tuple[str, ...] = ("sample_grid", "export", "bucket_heatmaps")
+    # the export first: a sample grid that fails must never cost the trained model
+    end_of_run: tuple[str, ...] = ("export", "sample_grid", "bucket_heatmaps")
 
     def model_class(self):
         raise NotImplementedError
@@ -67,6 +68,15 @@ class ModelFamily:
     def check_supported(self, config: dict, what: str) -> None:
         pass
 
+    def build_encoders(self, cfg, device, dtype):
+        """The frozen encoders between the data and the denoiser (latents, prompt embeddings), or
+        None when the model takes the dataset's pixels directly."""
+        return None
+
+    def model_resolution(self, cfg) -> int:
+        """The spatial size the models see for ``cfg.resolution`` (from configs only)."""
+        return cfg.resolution
+
 
 class UNet2DFamily(ModelFamily):
     """Unconditional pixel-space ``diffusers.UNet2DModel``."""
@@ -89,10 +99,15 @@ class UNet2DFamily(ModelFamily):
         return (int(config.get("in_channels", 3)), int(size), int(size))
 
     def feature_points(self, model):
+        """Every down/mid/up block, and (below block level) each block's resnets and attentions."""
         points = {f"down_blocks.{i}": b for i, b in enumerate(model.down_blocks)}
         if model.mid_block is not None:
             points["mid_block"] = model.mid_block
         points.update({f"up_blocks.{i}": b for i, b in enumerate(model.up_blocks)})
+        for name, block in list(points.items()):
+            for kind in ("resnets", "attentions"):
+                for j, sub in enumerate(getattr(block, kind, None) or ()):
+                    points[f"{name}.{kind}.{j}"] = sub
         return points
 
     def check_supported(self, config, what):
@@ -142,12 +157,62 @@ class UNet2DFamily(ModelFamily):
         return cfg
 
 
-FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily()}
+class UNet2DConditionFamily(UNet2DFamily):
+    """Text-conditional ``diffusers.UNet2DConditionModel`` (Stable Diffusion, BK-SDM), called with
+    the prompt embeddings as ``encoder_hidden_states`` (batch key of the same name)."""
+
+    name = "unet2d_condition"
+    class_names = ("UNet2DConditionModel",)
+    cond_keys = ("encoder_hidden_states",)
+
+    def model_class(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def forward(self, model, noisy, timesteps, cond):
+        hidden = cond["encoder_hidden_states"]
+        return model(noisy, timesteps, encoder_hidden_states=hidden.to(noisy.dtype), return_dict=False)[0]
+
+    def build_encoders(self, cfg, device, dtype):
+        from .latent import build_encoders
+
+        return build_encoders(cfg, device, dtype)
+
+    def model_resolution(self, cfg) -> int:
+        from .latent import latent_factor
+
+        factor = latent_factor(cfg)
+        if cfg.resolution % factor:
+            raise ConfigError(f"resolution={cfg.resolution} must be a multiple of the VAE's downsampling factor "
+                              f"{factor}")
+        return cfg.resolution // factor
+
+    def check_supported(self, config, what):
+        for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim"):
+            if config.get(key) is not None:
+                raise ConfigError(f"{what}: UNet2DConditionModel with {key}={config.get(key)!r} (SDXL-style or "
+                                  "class conditioning) is not supported yet; only prompt embeddings "
+                                  "(encoder_hidden_states) condition the model")
+        if config.get("in_channels") != config.get("out_channels"):
+            raise ConfigError(f"{what}: in_channels ({config.get('in_channels')}) must equal out_channels "
+                              f"({config.get('out_channels')}) for a denoiser")
+
+    def derive_student_config(self, teacher_config, *, width_mult=0.25, layers_per_block=None, attention=None,
+                              norm_num_groups=None):
+        if attention is False:
+            raise ConfigError("student_attention=false is not supported for unet2d_condition (the cross-attention "
+                              "carries the prompt); use student_arch bk_base|bk_small|bk_tiny or student_config")
+        return super().derive_student_config(teacher_config, width_mult=width_mult,
+                                             layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
+
+
+FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily(), "unet2d_condition": UNet2DConditionFamily()}
 
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
-        raise ConfigError(f"model_type {name!r} is not known; available: {', '.join(FAMILIES)}")
+        raise ConfigError(f"model_type {name!r} is not known; supported families: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -186,14 +251,16 @@ def read_config(model_dir: Path) -> dict:
 
 
 def family_for_config(config: dict, default: str) -> ModelFamily:
+    """The family of a model config: its ``_class_name``; without one, ``cross_attention_dim``
+    means a ``UNet2DConditionModel``, else ``default``."""
     cls = config.get("_class_name")
     if cls is None:
-        return get_family(default)
+        return get_family("unet2d_condition" if "cross_attention_dim" in config else default)
     for fam in FAMILIES.values():
         if cls in fam.class_names:
             return fam
-    raise ConfigError(f"model class {cls!r} is not supported; supported: "
-                      + ", ".join(c for f in FAMILIES.values() for c in f.class_names))
+    raise ConfigError(f"model class {cls!r} is not supported; supported families: "
+                      + ", ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES.values()))
 
 
 def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -> nn.Module:
@@ -297,7 +364,10 @@ class FeatureTaps:
 
 def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.Module, spec: str):
     t_points, s_points = family.feature_points(teacher), family.feature_points(student)
-    names = list(t_points) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
+    if spec.strip() == "all":  # every block (not the resnets/attentions inside them)
+        names = [n for n in t_points if n.count(".") <= 1]
+    else:
+        names = [n.strip() for n in spec.split(",") if n.strip()]
     for n in names:
         for role, pts in (("teacher", t_points), ("student", s_points)):
             if n not in pts:
@@ -311,6 +381,8 @@ def block_channels(module: nn.Module) -> int:
     resnets = getattr(module, "resnets", None)
     if resnets:
         return resnets[-1].out_channels
+    if isinstance(getattr(module, "out_channels", None), int):  # a resnet or attention inside a block
+        return module.out_channels
     raise ConfigError(f"cannot tell the output width of block {type(module).__name__}")
 
 

@@ -1,0 +1,175 @@
+"""The frozen encoders of latent text-to-image distillation (Stable Diffusion, BK-SDM).
+
+Images become VAE latents, ``(z - shift_factor) * scaling_factor`` with ``z`` a sample of the
+VAE's posterior (or its mean), and captions become CLIP prompt embeddings, the
+``encoder_hidden_states`` a ``UNet2DConditionModel`` takes. Every random draw (the
+posterior sample, the classifier-free-guidance caption dropout) comes from the step's
+generator, so a resumed run encodes exactly as the uninterrupted one. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import ConfigError, TrainConfig
+from .models import BUILTIN_PREFIX
+
+PIPELINE_INDEX = "model_index.json"
+
+
+class TextToImageEncoders:
+    """A frozen ``AutoencoderKL`` + ``CLIPTextModel`` + ``CLIPTokenizer``."""
+
+    def __init__(self, vae: nn.Module, text_encoder: nn.Module, tokenizer, *, sample_mode: str = "sample",
+                 cond_drop_prob: float = 0.0, device=None, dtype=torch.float32):
+        if sample_mode not in ("sample", "mean"):
+            raise ValueError(f"sample_mode must be 'sample' or 'mean', got {sample_mode!r}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.sample_mode = sample_mode
+        self.cond_drop_prob = float(cond_drop_prob)
+        self.scaling_factor = float(vae.config.scaling_factor)
+        self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.pixel_channels = int(vae.config.in_channels)
+
+    @torch.no_grad()
+    def latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``pixels`` ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, c, H/f, W/f]`` (float32)."""
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        z = dist.sample(generator=generator) if self.sample_mode == "sample" else dist.mean
+        return (z.float() - self.shift_factor) * self.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1] (float32)."""
+        z = latents.to(self.device, self.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> Tensor:
+        """Prompt embeddings ``[B, L, D]`` (float32), padded to the tokenizer's ``model_max_length``."""
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device), return_dict=False)[0].float()
+
+    def drop_captions(self, captions: list[str], generator: torch.Generator) -> list[str]:
+        """Each caption replaced by the empty prompt with probability ``cond_drop_prob`` (coins
+        from ``generator``; none drawn when it is 0), as diffusers' ``proportion_empty_prompts``."""
+        if self.cond_drop_prob <= 0:
+            return list(captions)
+        coins = torch.rand(len(captions), generator=generator)
+        return ["" if float(c) < self.cond_drop_prob else cap for c, cap in zip(coins, captions)]
+
+    def encode_batch(self, pixels: Tensor, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict]:
+        """``(latents, {"encoder_hidden_states": ...})`` for a batch with ``caption`` strings."""
+        if "caption" not in batch:
+            raise ConfigError("unet2d_condition needs captions: the dataset's items have no 'caption' (use a "
+                              "train_data_dir with metadata.jsonl or metadata.csv); items have only "
+                              + ", ".join(batch))
+        latents = self.latents(pixels, generator)
+        captions = self.drop_captions(list(batch["caption"]), generator)
+        return latents, {"encoder_hidden_states": self.embed(captions)}
+
+    def pipeline(self, unet: nn.Module, scheduler, dtype=torch.float32):
+        """A CPU ``StableDiffusionPipeline`` of copies of these encoders and ``unet`` (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        vae, text_encoder = (copy.deepcopy(m).to("cpu") for m in (self.vae, self.text_encoder))
+        if dtype != torch.float32:
+            vae, text_encoder = vae.to(dtype=dtype), text_encoder.to(dtype=dtype)
+        return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
+                                       unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+
+
+def pipeline_folder_of(path) -> Path | None:
+    """The pipeline folder a teacher path belongs to: the path itself (``model_index.json`` or
+    ``vae/`` in it) or, for its ``unet/`` subfolder, the parent."""
+    if path is None or str(path).startswith(BUILTIN_PREFIX):
+        return None
+    p = Path(path)
+    for cand in (p, p.parent):
+        if (cand / PIPELINE_INDEX).is_file() or (cand / "vae").is_dir():
+            return cand
+    return None
+
+
+def _sub(folder: Path, name: str) -> Path:
+    return folder / name if (folder / name).is_dir() else folder
+
+
+def load_vae(path) -> nn.Module:
+    from diffusers import AutoencoderKL
+
+    folder = _sub(Path(path), "vae")
+    try:
+        return AutoencoderKL.from_pretrained(str(folder))
+    except Exception as exc:  # noqa: BLE001 - name the folder whatever diffusers raised
+        raise ConfigError(f"cannot load the AutoencoderKL in {str(folder)!r}: {exc}") from exc
+
+
+def load_text_encoder(path):
+    """``(CLIPTextModel, CLIPTokenizer)`` from ``path/text_encoder`` + ``path/tokenizer`` (or ``path``)."""
+    try:
+        from transformers import CLIPTextModel, CLIPTokenizer
+    except ImportError as exc:
+        raise ConfigError("unet2d_condition needs transformers: pip install 'liftplace[train]'") from exc
+    folder = Path(path)
+    enc_dir, tok_dir = _sub(folder, "text_encoder"), _sub(folder, "tokenizer")
+    try:
+        encoder = CLIPTextModel.from_pretrained(str(enc_dir), local_files_only=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ConfigError(f"cannot load the CLIP text encoder / tokenizer from {str(folder)!r} (text_encoder/ and "
+                          f"tokenizer/): {exc}") from exc
+    return encoder, tokenizer
+
+
+def encoder_folders(cfg: TrainConfig) -> tuple[Path, Path]:
+    """``(VAE folder, text encoder folder)``: ``pretrained_vae_model_name_or_path`` and
+    ``text_encoder_path``, each defaulting to the teacher's pipeline folder."""
+    pipe = pipeline_folder_of(cfg.pretrained_model_name_or_path)
+    out = []
+    for key in ("pretrained_vae_model_name_or_path", "text_encoder_path"):
+        value = getattr(cfg, key) or pipe
+        if value is None:
+            raise ConfigError(f"unet2d_condition needs {key}: the teacher ({cfg.pretrained_model_name_or_path!r}) "
+                              "is not in a diffusers pipeline folder (model_index.json, vae/, text_encoder/, "
+                              f"tokenizer/) to take it from; set --{key}")
+        if not Path(value).is_dir():
+            raise ConfigError(f"{key}: folder {str(value)!r} does not exist (only local folders; nothing is "
+                              "downloaded)")
+        out.append(Path(value))
+    return out[0], out[1]
+
+
+def latent_factor(cfg: TrainConfig) -> int:
+    """How much the VAE shrinks an image side, from its config alone (before anything is loaded)."""
+    path = _sub(encoder_folders(cfg)[0], "vae") / "config.json"
+    try:
+        return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cannot read the VAE's block_out_channels from {str(path)!r}: {exc}") from exc
+
+
+def build_encoders(cfg: TrainConfig, device, dtype=torch.float32) -> TextToImageEncoders:
+    """The frozen VAE and text encoder of :func:`encoder_folders`."""
+    vae_path, text_path = encoder_folders(cfg)
+    encoder, tokenizer = load_text_encoder(text_path)
+    return TextToImageEncoders(load_vae(vae_path), encoder, tokenizer, sample_mode=cfg.vae_sample_mode,
+                               cond_drop_prob=cfg.cond_drop_prob, device=device, dtype=dtype)
+
+
+def encoders_from_pipeline(folder, device=None) -> TextToImageEncoders:
+    """The encoders of an exported pipeline folder (for sampling)."""
+    encoder, tokenizer = load_text_encoder(folder)
+    return TextToImageEncoders(load_vae(folder), encoder, tokenizer, sample_mode="mean", device=device)
