@@ -228,3 +228,57 @@ def test_a_failing_validation_grid_never_costs_the_export(tmp_path, assets, monk
     with pytest.raises(RuntimeError, match="validation broke"):
         distill(make_config(tmp_path, assets, max_train_steps=1))
     assert (tmp_path / "student" / "model_index.json").is_file() and (tmp_path / "checkpoint-1").is_dir()
+
+
+# --- feature KD as BK-SDM does it, and with LIFT/PLACE ------------------------------------------------
+
+@pytest.mark.parametrize("arch, feat_loss", [("bk_tiny", "mse"), ("bk_small", "mse"), ("bk_base", "lift_place")])
+def test_bk_sdm_feature_pairs_train(tmp_path, assets, arch, feat_loss):
+    layers = "bk_sdm" if feat_loss == "mse" else "up_blocks.3,down_blocks.0"  # lift_place: 8x8 maps >= group_size
+    tr = Trainer(make_config(tmp_path, assets, student_arch=arch, lambda_kd_feat=0.5, kd_feat_layers=layers,
+                             kd_feat_loss=feat_loss, group_size=4)).setup()
+    names = tr.accelerator.unwrap_model(tr.adapters).names
+    if arch == "bk_tiny":  # BK-SDM's pairs: the student's up block i against the teacher's i + 1
+        assert names == ["down_blocks.0", "down_blocks.1",
+                         "down_blocks.2.attentions.1.proj_out:down_blocks.2.attentions.0.proj_out",
+                         "up_blocks.1:up_blocks.0", "up_blocks.2:up_blocks.1", "up_blocks.3:up_blocks.2"]
+    elif feat_loss == "mse":
+        assert names == [f"up_blocks.{i}" for i in range(4)] + [f"down_blocks.{i}" for i in range(4)]
+    tr.train(until_step=1)
+    rec = read_metrics(tmp_path)[-1]
+    assert rec["feat_loss"] > 0 and torch.isfinite(torch.tensor(rec["loss"]))
+
+
+def test_feature_pairs_with_different_names_and_a_ddp_style_wrapper(tmp_path, assets):
+    tr = Trainer(make_config(tmp_path, assets, student_arch="bk_tiny", lambda_kd_feat=1.0,
+                             kd_feat_layers="up_blocks.2:up_blocks.1,down_blocks.0")).setup()
+
+    class Wrapper(torch.nn.Module):  # what DistributedDataParallel does to names: module.<name>
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    tr.loss_fn.student = Wrapper(tr.loss_fn.student)
+    x = torch.stack([tr.dataset[i]["pixel_values"] for i in range(4)])
+    latents, cond = tr.encoders.encode_batch(x, {"caption": CAPTIONS[:4]}, torch.Generator().manual_seed(0))
+    out = tr.loss_fn(latents, cond, torch.Generator().manual_seed(1), 0)
+    assert float(out.terms["feat_loss"]) > 0
+    with pytest.raises(ConfigError, match=r"'up_blocks.9' is not a module of the teacher"):
+        Trainer(make_config(tmp_path / "x", assets, lambda_kd_feat=1.0, kd_feat_layers="up_blocks.9")).setup()
+
+
+def test_lift_place_feature_loss_refuses_maps_smaller_than_a_group(tmp_path, assets):
+    tr = Trainer(make_config(tmp_path, assets, lambda_kd_feat=1.0, kd_feat_layers="down_blocks.3",
+                             kd_feat_loss="lift_place")).setup()
+    with pytest.raises(ValueError, match=r"feature 'down_blocks.3' .* fewer than group_size=16"):
+        tr.train(until_step=1)
+
+
+def test_bk_sdm_preset_sits_under_file_and_flags(tmp_path, assets):
+    cfg = make_config(tmp_path, assets, preset="bk_sdm", learning_rate=1e-4)
+    assert (cfg.kd_reduction, cfg.lambda_kd_feat, cfg.kd_feat_layers, cfg.lr_scheduler, cfg.use_ema) == \
+        ("mean", 1.0, "bk_sdm", "constant", False)
+    assert cfg.learning_rate == 1e-4  # the command line wins over the preset

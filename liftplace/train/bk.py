@@ -126,3 +126,28 @@ def describe_mapping(mapping: dict[str, str], teacher: nn.Module, arch: str) -> 
     lines += [f"  {s} <- {t}" for s, t in mapping.items()]
     lines += [f"  removed: {r}" for r in removed]
     return "\n".join(lines)
+
+
+def bk_feature_pairs(arch: str, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
+    """BK-SDM's feature-KD pairs ``(teacher module, student module)`` (its
+    ``kd_train_text_to_image.py``): bk_base/bk_small every up and down block, same names;
+    bk_tiny the outer down blocks, the last kept down stage's last attention ``proj_out``
+    (the stage lost its resnet.1 and downsampler) and every student up block against the
+    teacher's next one."""
+    n = len(teacher.down_blocks)
+    if arch in ("bk_base", "bk_small"):
+        names = [f"up_blocks.{i}" for i in range(n)] + [f"down_blocks.{i}" for i in range(n)]
+        return [(x, x) for x in names]
+    if arch != "bk_tiny":
+        raise ConfigError(f"kd_feat_layers=bk_sdm: no BK-SDM feature pairs for student_arch={arch!r}")
+    pairs = [(f"down_blocks.{i}",) * 2 for i in range(n - 2)]
+    last = n - 2
+    t_attn = getattr(teacher.down_blocks[last], "attentions", None)
+    if t_attn:
+        pairs.append((f"down_blocks.{last}.attentions.{len(t_attn) - 1}.proj_out",
+                      f"down_blocks.{last}.attentions.0.proj_out"))
+    else:
+        pairs.append((f"down_blocks.{last}.resnets.{len(teacher.down_blocks[last].resnets) - 1}",
+                      f"down_blocks.{last}.resnets.0"))
+    pairs += [(f"up_blocks.{i + 1}", f"up_blocks.{i}") for i in range(len(student.up_blocks))]
+    return pairs

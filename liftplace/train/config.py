@@ -20,6 +20,13 @@ from pathlib import Path
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 KD_LOSSES = ("place", "lift", "output", "none")
 MODEL_TYPES = ("auto", "unet2d", "unet2d_condition")
+# Presets: values applied under the file and the command line (defaults < preset < file < flags).
+PRESETS = {
+    # BK-SDM's kd_train_text_to_image.py defaults and released scripts
+    "bk_sdm": dict(kd_reduction="mean", lambda_sd=1.0, lambda_kd_output=1.0, lambda_kd_feat=1.0,
+                   kd_feat_layers="bk_sdm", learning_rate=5e-5, lr_scheduler="constant", adam_weight_decay=1e-2,
+                   use_ema=False),
+}
 STUDENT_ARCHS = ("bk_base", "bk_small", "bk_tiny")
 
 
@@ -40,6 +47,10 @@ def _f(default, help: str, group: str, choices=None, **kw):
 class TrainConfig:
     """Every knob of ``liftplace distill`` / ``train-teacher``; see ``liftplace distill --help``."""
 
+    preset: str | None = _f(None, "bk_sdm: BK-SDM's KD settings (kd_reduction mean, lambda_sd = "
+                            "lambda_kd_output = lambda_kd_feat = 1, kd_feat_layers bk_sdm, learning_rate 5e-5, "
+                            "constant lr, adam_weight_decay 1e-2, no EMA) for every key the file or the command "
+                            "line leaves unset.", "model", choices=tuple(PRESETS))
     # --- models ------------------------------------------------------------------------
     model_type: str = _f("auto", "Model family (the calling convention of teacher and student): auto = from the "
                          "teacher's config.json (_class_name), unet2d (UNet2DModel, pixels) or unet2d_condition "
@@ -140,8 +151,11 @@ class TrainConfig:
     lambda_sd: float = _f(1.0, "Weight of the student's own denoising loss.", "kd")
     lambda_kd_output: float = _f(1.0, "Weight of the output distillation loss.", "kd")
     lambda_kd_feat: float = _f(0.0, "Weight of FitNet feature distillation (1x1 conv adapters; 0: off).", "kd")
-    kd_feat_layers: str = _f("all", "Feature KD points: 'all' or a comma list such as "
-                             "'mid_block,up_blocks.0'.", "kd")
+    kd_feat_layers: str = _f("all", "Feature KD points: 'all' (every block, same names), 'bk_sdm' (BK-SDM's "
+                             "pairs for student_arch) or a comma list of module names, each 'name' or "
+                             "'teacher_name:student_name', such as 'mid_block,up_blocks.1:up_blocks.0'.", "kd")
+    kd_feat_loss: str = _f("mse", "Feature KD loss: mse (FitNet, BK-SDM) or lift_place (the LIFT/PLACE loss on "
+                           "the adapted feature maps, with the kd_* options).", "kd", choices=("mse", "lift_place"))
     group_size: int = _f(16, "Elements per group (PLACE and patch grouping).", "kd")
     kd_grouping: str | None = _f(None, "Override the grouping implied by kd_loss (place: error, lift: "
                                  "global).", "kd", choices=("global", "error", "patch"))
@@ -430,10 +444,17 @@ def build_config(yaml_path=None, overrides: dict | None = None, base: dict | Non
     merged = TrainConfig().to_dict()
     if base:
         merged.update(_coerce_mapping(base, "defaults"))
+    explicit = {}
     if yaml_path is not None:
-        merged.update(load_yaml(yaml_path))
+        explicit.update(load_yaml(yaml_path))
     if overrides:
-        merged.update(_coerce_mapping(overrides, "command line"))
+        explicit.update(_coerce_mapping(overrides, "command line"))
+    preset = explicit.get("preset", merged["preset"])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
+        merged.update(PRESETS[preset])
+    merged.update(explicit)
     cfg = TrainConfig(**merged)
     cfg.validate()
     return cfg

@@ -362,18 +362,45 @@ class FeatureTaps:
         self.handles = []
 
 
-def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.Module, spec: str):
+def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.Module, spec: str,
+                          student_arch: str | None = None):
+    """``(teacher points, student points)``, two dicts keyed alike by pair label. ``spec``: ``all``
+    (every block of the same name), ``bk_sdm`` (BK-SDM's pairs for ``student_arch``, see
+    ``bk.bk_feature_pairs``) or a comma list of module names, each ``name`` (the same in both)
+    or ``teacher_name:student_name``. Any module path of the models is allowed, below block
+    level too (``down_blocks.2.attentions.1.proj_out``). Resolved on the unwrapped models."""
     t_points, s_points = family.feature_points(teacher), family.feature_points(student)
     if spec.strip() == "all":  # every block (not the resnets/attentions inside them)
-        names = [n for n in t_points if n.count(".") <= 1]
+        pairs = [(n, n) for n in t_points if n.count(".") <= 1]
+    elif spec.strip() == "bk_sdm":
+        if student_arch is None:
+            raise ConfigError("kd_feat_layers=bk_sdm pairs the blocks BK-SDM distils for a student_arch; set "
+                              "student_arch bk_base|bk_small|bk_tiny, or list the layers")
+        from .bk import bk_feature_pairs
+
+        pairs = bk_feature_pairs(student_arch, teacher, student)
     else:
-        names = [n.strip() for n in spec.split(",") if n.strip()]
-    for n in names:
-        for role, pts in (("teacher", t_points), ("student", s_points)):
-            if n not in pts:
-                raise ConfigError(f"kd_feat_layers: {n!r} is not a block of the {role}; available: "
-                                  + ", ".join(pts))
-    return {n: t_points[n] for n in names}, {n: s_points[n] for n in names}
+        pairs = []
+        for item in (x.strip() for x in spec.split(",")):
+            if item:
+                t, _, s = item.partition(":")
+                pairs.append((t.strip(), (s or t).strip()))
+    out_t, out_s = {}, {}
+    for t_name, s_name in pairs:
+        label = t_name if t_name == s_name else f"{t_name}:{s_name}"
+        out_t[label] = _feature_module(teacher, t_points, t_name, "teacher")
+        out_s[label] = _feature_module(student, s_points, s_name, "student")
+    return out_t, out_s
+
+
+def _feature_module(model: nn.Module, points: dict, name: str, role: str) -> nn.Module:
+    if name in points:
+        return points[name]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"kd_feat_layers: {name!r} is not a module of the {role}; blocks: "
+                          + ", ".join(n for n in points if n.count(".") <= 1)) from None
 
 
 def block_channels(module: nn.Module) -> int:
@@ -381,8 +408,10 @@ def block_channels(module: nn.Module) -> int:
     resnets = getattr(module, "resnets", None)
     if resnets:
         return resnets[-1].out_channels
-    if isinstance(getattr(module, "out_channels", None), int):  # a resnet or attention inside a block
+    if isinstance(getattr(module, "out_channels", None), int):  # a resnet, attention or conv inside a block
         return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
     raise ConfigError(f"cannot tell the output width of block {type(module).__name__}")
 
 
@@ -393,9 +422,13 @@ class FeatureAdapters(nn.Module):
         super().__init__()
         self.names = list(pairs)
         self.adapters = nn.ModuleDict({
-            n.replace(".", "_"): (nn.Conv2d(s, t, kernel_size=1) if s != t else nn.Identity())
+            self.key(n): (nn.Conv2d(s, t, kernel_size=1) if s != t else nn.Identity())
             for n, (s, t) in pairs.items()
         })
 
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "_").replace(":", "__")
+
     def forward(self, name: str, x: Tensor) -> Tensor:
-        return self.adapters[name.replace(".", "_")](x)
+        return self.adapters[self.key(name)](x)

@@ -165,6 +165,18 @@ class DistillationLoss:
         return dict(group_size=c.group_size, grouping=c.grouping, norm=c.kd_norm, reduction=c.kd_reduction,
                     weight=c.kd_weight, parts=c.kd_parts, coarse_weight=c.kd_coarse_weight, eps=c.kd_eps)
 
+    def feature_loss(self, name: str, student: Tensor, teacher: Tensor, step: int) -> Tensor:
+        """One feature pair's loss: squared error (``mse``) or LIFT/PLACE on the feature maps."""
+        c = self.cfg
+        if c.kd_feat_loss == "mse":
+            return reduce_squared_error(student, teacher, c.kd_reduction)
+        n = student[0, 0].numel()
+        if c.grouping != "global" and n < c.group_size:
+            raise ValueError(f"kd_feat_loss=lift_place: feature {name!r} {tuple(student.shape)} has {n} elements per "
+                             f"channel, fewer than group_size={c.group_size}; pick larger feature maps in "
+                             "kd_feat_layers or lower group_size")
+        return lift_place_loss(student, teacher, step=step, total_steps=c.max_train_steps, **self.kd_options())
+
     def teacher_output(self, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
         with torch.no_grad():
             out = self.family.forward(self.teacher, noisy.to(self.teacher_dtype), timesteps, cond)
@@ -225,7 +237,7 @@ class DistillationLoss:
             feat = x.new_zeros(())
             for name, ft in t_feats.items():
                 fs = self.adapters(name, s_feats[name].float())
-                feat = feat + reduce_squared_error(fs, ft.float(), c.kd_reduction)
+                feat = feat + self.feature_loss(name, fs, ft.float(), step)
             total = total + c.lambda_kd_feat * feat
             terms["feat_loss"] = feat.detach()
         terms["loss"] = total.detach()

@@ -182,7 +182,8 @@ class Trainer:
         # feature KD: hooks on matched blocks, 1x1 adapters to the teacher's widths
         self.adapters, taps = None, None
         if cfg.lambda_kd_feat > 0:
-            t_pts, s_pts = select_feature_points(family, self.teacher, self.student, cfg.kd_feat_layers)
+            t_pts, s_pts = select_feature_points(family, self.teacher, self.student, cfg.kd_feat_layers,
+                                                 cfg.student_arch)
             pairs = {n: (block_channels(s_pts[n]), block_channels(t_pts[n])) for n in t_pts}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed(cfg.seed, 2))
