@@ -282,3 +282,55 @@ def test_bk_sdm_preset_sits_under_file_and_flags(tmp_path, assets):
     assert (cfg.kd_reduction, cfg.lambda_kd_feat, cfg.kd_feat_layers, cfg.lr_scheduler, cfg.use_ema) == \
         ("mean", 1.0, "bk_sdm", "constant", False)
     assert cfg.learning_rate == 1e-4  # the command line wins over the preset
+
+
+# --- latent cache ------------------------------------------------------------------------------
+
+def test_latent_cache_matches_encoding_and_is_rebuilt_for_another_vae(tmp_path, assets, caplog):
+    from diffusers import AutoencoderKL
+
+    kw = dict(max_train_steps=3, random_flip=True, latent_cache_dir=str(tmp_path / "cache"), use_ema=False)
+    distill(make_config(tmp_path / "plain", assets, **kw), end_of_run=[])
+    distill(make_config(tmp_path / "cached", assets, cache_latents=True, **kw), end_of_run=[])
+    plain = [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    cached = [r["loss"] for r in read_metrics(tmp_path / "cached")]
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain))  # batched encoding may round apart
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["flips"] is True
+    # the same VAE again: the cache is reused as it is
+    stamp = (tmp_path / "cache" / "posteriors.safetensors").stat().st_mtime_ns
+    distill(make_config(tmp_path / "again", assets, cache_latents=True, **kw), end_of_run=[])
+    assert (tmp_path / "cache" / "posteriors.safetensors").stat().st_mtime_ns == stamp
+    # another VAE (other weights): re-encoded, never reused
+    other = tmp_path / "vae2"
+    vae = AutoencoderKL.from_pretrained(str(assets[0] / "vae"))
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(2)
+    vae.save_pretrained(str(other))
+    with caplog.at_level("WARNING"):
+        distill(make_config(tmp_path / "other", assets, cache_latents=True, pretrained_vae_model_name_or_path=str(other),
+                            **kw), end_of_run=[])
+    assert "made with another VAE or data (vae_sha256 differ)" in caplog.text
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["vae_sha256"] != manifest["vae_sha256"]
+
+
+# --- diffusers' training flags ----------------------------------------------------------------------
+
+def test_snr_gamma_noise_offset_and_gradient_checkpointing(tmp_path, assets):
+    from liftplace.train.objective import min_snr_weights
+
+    tr = Trainer(make_config(tmp_path, assets, snr_gamma=5.0, noise_offset=0.1, gradient_checkpointing=True,
+                             allow_tf32=True, use_ema=False)).setup()
+    assert tr.student.is_gradient_checkpointing
+    t = torch.tensor([1, 500, 999])
+    w = min_snr_weights(tr.noise_scheduler, t, 5.0, "epsilon")
+    assert w[0] < 1 and torch.allclose(w[2], torch.tensor(1.0))  # high SNR capped, low SNR unweighted
+    res = tr.train(until_step=2)
+    assert res.global_step == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in read_metrics(tmp_path))
+    from liftplace.train.objective import NoiseObjective
+
+    clean = torch.zeros(2, 4, 8, 8)
+    plain = NoiseObjective(tr.noise_scheduler).prepare(clean, torch.Generator().manual_seed(0))[2]
+    offset = tr.objective.prepare(clean, torch.Generator().manual_seed(0))[2]
+    diff = offset - plain  # the offset: one constant per sample and channel
+    assert diff.abs().max() > 0 and torch.allclose(diff, diff[..., :1, :1].expand_as(diff), atol=1e-6)

@@ -105,6 +105,12 @@ class TrainConfig:
     max_train_samples: int | None = _f(None, "Keep only the first this many training samples.", "data")
     cond_drop_prob: float = _f(0.0, "unet2d_condition: probability of replacing a caption by the empty prompt "
                                "(the null condition of classifier-free guidance).", "data")
+    cache_latents: bool = _f(False, "unet2d_condition: encode every training image (and its mirror image, with "
+                             "random_flip) with the VAE once and keep the posteriors on disk; the latents are still "
+                             "drawn each step. The cache's manifest holds the VAE's hash and the data's, so a "
+                             "different VAE or data set is re-encoded, never reused.", "data")
+    latent_cache_dir: str | None = _f(None, "Folder of the latent cache (default: output_dir/latent_cache); "
+                                      "runs with the same VAE and data may share it.", "data")
     vae_sample_mode: str = _f("sample", "unet2d_condition: latents are a sample of the VAE's posterior or its "
                               "mean; scaled by the VAE's scaling_factor (after its shift_factor).", "data",
                               choices=("sample", "mean"))
@@ -142,6 +148,13 @@ class TrainConfig:
     ema_power: float = _f(0.75, "EMA warmup power.", "train")
     mixed_precision: str = _f("no", "Autocast of the forward passes (accelerate); losses stay fp32.", "train",
                               choices=("no", "bf16", "fp16"))
+    snr_gamma: float | None = _f(None, "Min-SNR-gamma weighting of the denoising loss (diffusers' compute_snr; "
+                                 "5.0 is the paper's value); null: unweighted.", "train")
+    noise_offset: float = _f(0.0, "diffusers' noise offset: add noise_offset * N(0, 1) per sample and channel "
+                             "to the noise.", "train")
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing of the student (less memory, slower).",
+                                      "train")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs.", "train")
     max_bad_steps: int = _f(10, "Stop with an error after this many consecutive steps with a non-finite "
                             "loss or gradient (each one is skipped).", "train")
 
@@ -254,12 +267,18 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v < 1 and not (name == "ema_decay" and v == 1):
                 raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        if self.snr_gamma is not None and not (self.snr_gamma > 0 and math.isfinite(self.snr_gamma)):
+            raise ConfigError(f"snr_gamma must be a positive finite number (or null), got {self.snr_gamma}")
+        if not (self.noise_offset >= 0 and math.isfinite(self.noise_offset)):
+            raise ConfigError(f"noise_offset must be a finite number >= 0, got {self.noise_offset}")
         if not 0 <= self.cond_drop_prob <= 1:
             raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
         if not (self.guidance_scale >= 1 and math.isfinite(self.guidance_scale)):
             raise ConfigError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError(f"max_train_samples must be >= 1 (or null), got {self.max_train_samples}")
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError("cache_latents needs center_crop: a random crop would be frozen into the cache")
         if self.student_arch is not None and (self.student_config is not None
                                               or self.student_model_name_or_path is not None):
             raise ConfigError("set only one of student_arch, student_config and student_model_name_or_path "

@@ -29,6 +29,7 @@ __all__ = [
     "CaptionedImageDataset",
     "ImageFolderDataset",
     "SyntheticDataset",
+    "flip_coins",
     "make_dataset",
     "random_hflip",
 ]
@@ -55,10 +56,15 @@ def _check_channels(channels) -> int:
     return channels
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image of ``images`` (``[B, C, H, W]``) horizontally with probability 0.5,
-    the coins drawn from ``generator`` (a CPU generator; one draw of ``B`` values)."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+def flip_coins(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` fair coins (bool ``[n]``) from ``generator`` (a CPU generator; one draw of ``n`` values)."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip each image of ``images`` (``[B, C, H, W]``) horizontally with probability 0.5, the
+    coins drawn from ``generator`` by :func:`flip_coins` (or given as ``flips``)."""
+    flip = (flip_coins(images.shape[0], generator) if flips is None else flips).to(images.device)
     return torch.where(flip.view(-1, *([1] * (images.dim() - 1))), images.flip(-1), images)
 
 
@@ -288,7 +294,7 @@ class CaptionedImageDataset(ImageFolderDataset):
         self.captions = [c for _, c in items]
 
     def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self._square(self.files[i]), "caption": self.captions[i], "label": 0}
+        return {"pixel_values": self._square(self.files[i]), "caption": self.captions[i], "label": 0, "index": i}
 
     def __repr__(self) -> str:
         return (f"CaptionedImageDataset(root={str(self.root)!r}, n={len(self)}, "

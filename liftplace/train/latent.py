@@ -10,6 +10,7 @@ generator, so a resumed run encodes exactly as the uninterrupted one. Nothing he
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,13 +41,68 @@ class TextToImageEncoders:
         self.shift_factor = float(getattr(vae.config, "shift_factor", None) or 0.0)
         self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.pixel_channels = int(vae.config.in_channels)
+        self.cache: Tensor | None = None  # [N, flips, 2c, h, w] posterior parameters (use_cache)
 
     @torch.no_grad()
-    def latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """``pixels`` ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, c, H/f, W/f]`` (float32)."""
-        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+    def posterior(self, pixels: Tensor) -> Tensor:
+        """The VAE posterior's parameters (mean and log-variance stacked on channels) ``[B, 2c, h, w]``."""
+        return self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist.parameters
+
+    def latents_from_posterior(self, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        dist = DiagonalGaussianDistribution(params.to(self.device, self.dtype))
         z = dist.sample(generator=generator) if self.sample_mode == "sample" else dist.mean
         return (z.float() - self.shift_factor) * self.scaling_factor
+
+    def latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """``pixels`` ``[B, C, H, W]`` in [-1, 1] -> scaled latents ``[B, c, H/f, W/f]`` (float32)."""
+        return self.latents_from_posterior(self.posterior(pixels), generator)
+
+    def vae_hash(self) -> str:
+        """sha256 of the VAE's config and weights: what a latent cache was made with."""
+        h = hashlib.sha256(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        for name, t in self.vae.state_dict().items():
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def use_cache(self, dataset, folder, *, flips: bool, log, main_process: bool = True, wait=lambda: None,
+                  batch_size: int = 16) -> None:
+        """Load the posteriors of every item of ``dataset`` (and of its mirror image when ``flips``)
+        from ``folder``, encoding and writing them first when the cache is missing or its
+        manifest (VAE hash, data, resolution, flips) differs."""
+        folder = Path(folder)
+        key = {"vae_sha256": self.vae_hash(), "data_sha256": _data_hash(dataset), "flips": bool(flips),
+               "dtype": str(self.dtype)}
+        manifest, weights = folder / "manifest.json", folder / "posteriors.safetensors"
+        if main_process:
+            old = json.loads(manifest.read_text()) if manifest.is_file() else None
+            if old != key or not weights.is_file():
+                if old is not None:
+                    log.warning(f"latent cache {folder} was made with another VAE or data "
+                                f"({', '.join(k for k in key if old.get(k) != key[k])} differ); re-encoding")
+                self._write_cache(dataset, folder, key, flips, batch_size)
+                log.info(f"latent cache: encoded {len(dataset)} images into {weights}")
+        wait()
+        from safetensors.torch import load_file
+
+        self.cache = load_file(str(weights))["posteriors"]
+
+    def _write_cache(self, dataset, folder: Path, key: dict, flips: bool, batch_size: int) -> None:
+        from safetensors.torch import save_file
+
+        out = []
+        for start in range(0, len(dataset), batch_size):
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(len(dataset), start + batch_size))])
+            views = [pixels, pixels.flip(-1)] if flips else [pixels]
+            out.append(torch.stack([self.posterior(v).cpu() for v in views], dim=1))
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "posteriors.safetensors.tmp"
+        save_file({"posteriors": torch.cat(out).contiguous()}, str(tmp))
+        tmp.replace(folder / "posteriors.safetensors")
+        (folder / "manifest.json.tmp").write_text(json.dumps(key, indent=1))
+        (folder / "manifest.json.tmp").replace(folder / "manifest.json")
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:
@@ -69,13 +125,21 @@ class TextToImageEncoders:
         coins = torch.rand(len(captions), generator=generator)
         return ["" if float(c) < self.cond_drop_prob else cap for c, cap in zip(coins, captions)]
 
-    def encode_batch(self, pixels: Tensor, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict]:
-        """``(latents, {"encoder_hidden_states": ...})`` for a batch with ``caption`` strings."""
+    def encode_batch(self, pixels: Tensor, batch: dict, generator: torch.Generator,
+                     flips: Tensor | None = None) -> tuple[Tensor, dict]:
+        """``(latents, {"encoder_hidden_states": ...})`` for a batch with ``caption`` strings; with a
+        cache, the latents come from the cached posteriors of ``batch["index"]`` (mirrored where
+        ``flips``) and ``pixels`` is not read."""
         if "caption" not in batch:
             raise ConfigError("unet2d_condition needs captions: the dataset's items have no 'caption' (use a "
                               "train_data_dir with metadata.jsonl or metadata.csv); items have only "
                               + ", ".join(batch))
-        latents = self.latents(pixels, generator)
+        if self.cache is not None:
+            index = torch.as_tensor(batch["index"])
+            view = flips.long() if flips is not None else torch.zeros_like(index)
+            latents = self.latents_from_posterior(self.cache[index, view], generator)
+        else:
+            latents = self.latents(pixels, generator)
         captions = self.drop_captions(list(batch["caption"]), generator)
         return latents, {"encoder_hidden_states": self.embed(captions)}
 
@@ -89,6 +153,17 @@ class TextToImageEncoders:
         return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=self.tokenizer,
                                        unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
+
+
+def _data_hash(dataset) -> str:
+    """sha256 of what a dataset's pixels depend on: its files (name, size, mtime) and resolution."""
+    h = hashlib.sha256(repr((type(dataset).__name__, getattr(dataset, "resolution", None),
+                             getattr(dataset, "channels", None), getattr(dataset, "center_crop", None))).encode())
+    for f in getattr(dataset, "files", ()):
+        st = Path(f).stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(str(len(dataset)).encode())
+    return h.hexdigest()
 
 
 def pipeline_folder_of(path) -> Path | None:

@@ -46,7 +46,7 @@ RESUME_CRITICAL = ("seed", "train_batch_size", "gradient_accumulation_steps", "d
                    "resolution", "random_flip", "model_type", "prediction_type", "ddpm_num_steps",
                    "ddpm_beta_schedule", "use_ema", "kd_loss", "lambda_kd_feat", "kd_feat_layers",
                    "image_column", "caption_column", "max_train_samples", "cond_drop_prob", "vae_sample_mode",
-                   "pretrained_vae_model_name_or_path", "text_encoder_path")
+                   "pretrained_vae_model_name_or_path", "text_encoder_path", "noise_offset")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .checkpoint import abandon_later_checkpoints, clean_stale_temporaries
 from .build import build_dataset, build_model_to_train, build_student, build_teacher, resolve_family
 from .config import ConfigError, TrainConfig, validate_models
-from .data import random_hflip
+from .data import flip_coins, random_hflip
 from .finish import export_model, resolve_steps, sample_grid
 from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
                      count_parameters, model_config_dict, select_feature_points)
@@ -167,6 +167,11 @@ class Trainer:
                 raise ConfigError(f"teacher and student disagree on the sample shape: teacher {t_shape}, "
                                   f"student {shape} (in_channels/out_channels)")
         self.sample_shape = shape
+        if cfg.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        if cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.teacher_params = count_parameters(self.teacher) if self.teacher is not None else None
         self.student_params = count_parameters(self.student)
         if self.teacher is not None:
@@ -177,7 +182,7 @@ class Trainer:
         self.noise_scheduler = make_noise_scheduler(cfg)
         if self.encoders is not None:  # latents are not bounded: never clip the predicted sample
             self.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config, clip_sample=False)
-        self.objective = NoiseObjective(self.noise_scheduler)
+        self.objective = NoiseObjective(self.noise_scheduler, noise_offset=cfg.noise_offset)
 
         # feature KD: hooks on matched blocks, 1x1 adapters to the teacher's widths
         self.adapters, taps = None, None
@@ -214,6 +219,12 @@ class Trainer:
             self.dataset = build_dataset(cfg, self.encoders.pixel_channels, captioned=True)
         else:
             self.dataset = build_dataset(cfg, shape[0])
+        if cfg.cache_latents:
+            if self.encoders is None:
+                raise ConfigError("cache_latents caches VAE latents: it needs a latent model (unet2d_condition)")
+            folder = Path(cfg.latent_cache_dir or self.output_dir / "latent_cache")
+            self.encoders.use_cache(self.dataset, folder, flips=cfg.random_flip, log=self.log,
+                                    main_process=acc.is_main_process, wait=acc.wait_for_everyone)
         self.stream = BatchStream(self.dataset, cfg.train_batch_size, cfg.seed, num_replicas=acc.num_processes,
                                   rank=acc.process_index, num_workers=cfg.dataloader_num_workers)
         self.global_step = 0
@@ -290,10 +301,11 @@ class Trainer:
         """Clean samples (flipped when ``random_flip``, coins from ``gen``) and the conditioning
         the family takes from the batch (its ``cond_keys``)."""
         clean = batch["pixel_values"].to(self.device)
-        if self.cfg.random_flip:
-            clean = random_hflip(clean, gen)
-        if self.encoders is not None:  # pixels -> latents, captions -> prompt embeddings
-            clean, encoded = self.encoders.encode_batch(clean, batch, gen)
+        flips = flip_coins(clean.shape[0], gen) if self.cfg.random_flip else None
+        if flips is not None:
+            clean = random_hflip(clean, gen, flips)
+        if self.encoders is not None:  # pixels (or cached posteriors) -> latents, captions -> prompt embeddings
+            clean, encoded = self.encoders.encode_batch(clean, batch, gen, flips)
             batch = {**batch, **encoded}
         missing = [k for k in self.family.cond_keys if k not in batch]
         if missing:
