@@ -32,8 +32,11 @@ class TextToImageEncoders:
             raise ValueError(f"sample_mode must be 'sample' or 'mean', got {sample_mode!r}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(self.device, dtype).eval().requires_grad_(False)
+        # cast only when needed: diffusers warns about casting a VAE with .to(dtype)
+        self.vae, self.text_encoder = (m.to(self.device) if dtype == torch.float32 else m.to(self.device, dtype)
+                                       for m in (vae, text_encoder))
+        for m in (self.vae, self.text_encoder):
+            m.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.sample_mode = sample_mode
         self.cond_drop_prob = float(cond_drop_prob)
