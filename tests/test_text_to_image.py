@@ -334,3 +334,8 @@ def test_snr_gamma_noise_offset_and_gradient_checkpointing(tmp_path, assets):
     offset = tr.objective.prepare(clean, torch.Generator().manual_seed(0))[2]
     diff = offset - plain  # the offset: one constant per sample and channel
     assert diff.abs().max() > 0 and torch.allclose(diff, diff[..., :1, :1].expand_as(diff), atol=1e-6)
+
+
+def test_auto_model_type_is_recorded_as_the_family_resolved(tmp_path, assets):
+    tr = Trainer(make_config(tmp_path, assets)).setup()
+    assert tr.cfg.model_type == "unet2d_condition"  # config.yaml and checkpoints name the family, not 'auto'

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .checkpoint import abandon_later_checkpoints, clean_stale_temporaries
 from .build import build_dataset, build_model_to_train, build_student, build_teacher, resolve_family
-from .config import ConfigError, TrainConfig, validate_models
+from .config import MODEL_TYPES, ConfigError, TrainConfig, validate_models
 from .data import flip_coins, random_hflip
 from .finish import export_model, resolve_steps, sample_grid
 from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
@@ -135,6 +135,9 @@ class Trainer:
 
         cfg = self.cfg
         self.family = family = self._family_in or resolve_family(cfg, self.role, self._teacher_in, self._student_in)
+        if cfg.model_type == "auto" and family.name in MODEL_TYPES:
+            # record the family resolved (config.yaml, checkpoints; resume compares it)
+            self.cfg = cfg = cfg.replace(model_type=family.name)
         self.model_resolution = family.model_resolution(cfg)  # latent models: resolution / the VAE's factor
         validate_models(cfg, self.role, teacher=self._teacher_in, student=self._student_in,
                         resolution=self.model_resolution)
