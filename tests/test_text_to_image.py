@@ -339,3 +339,14 @@ def test_snr_gamma_noise_offset_and_gradient_checkpointing(tmp_path, assets):
 def test_auto_model_type_is_recorded_as_the_family_resolved(tmp_path, assets):
     tr = Trainer(make_config(tmp_path, assets)).setup()
     assert tr.cfg.model_type == "unet2d_condition"  # config.yaml and checkpoints name the family, not 'auto'
+
+
+def test_prompt_embedding_cache_trains_like_no_cache(tmp_path, assets):
+    kw = dict(max_train_steps=2, cond_drop_prob=0.5, use_ema=False)
+    distill(make_config(tmp_path / "plain", assets, **kw), end_of_run=[])
+    tr = Trainer(make_config(tmp_path / "cached", assets, cache_prompt_embeds=True, **kw), end_of_run=[])
+    tr.train()
+    plain = [r["loss"] for r in read_metrics(tmp_path / "plain")]
+    cached = [r["loss"] for r in read_metrics(tmp_path / "cached")]
+    torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain))
+    assert set(tr.encoders.prompt_cache) <= set(CAPTIONS) | {""} and len(tr.encoders.prompt_cache) >= 2

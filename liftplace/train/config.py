@@ -109,6 +109,9 @@ class TrainConfig:
                              "random_flip) with the VAE once and keep the posteriors on disk; the latents are still "
                              "drawn each step. The cache's manifest holds the VAE's hash and the data's, so a "
                              "different VAE or data set is re-encoded, never reused.", "data")
+    cache_prompt_embeds: bool = _f(False, "unet2d_condition: keep each distinct caption's CLIP embedding in memory "
+                                   "after its first use (the text encoder is frozen); for small caption sets.",
+                                   "data")
     latent_cache_dir: str | None = _f(None, "Folder of the latent cache (default: output_dir/latent_cache); "
                                       "runs with the same VAE and data may share it.", "data")
     vae_sample_mode: str = _f("sample", "unet2d_condition: latents are a sample of the VAE's posterior or its "

@@ -27,7 +27,7 @@ class TextToImageEncoders:
     """A frozen ``AutoencoderKL`` + ``CLIPTextModel`` + ``CLIPTokenizer``."""
 
     def __init__(self, vae: nn.Module, text_encoder: nn.Module, tokenizer, *, sample_mode: str = "sample",
-                 cond_drop_prob: float = 0.0, device=None, dtype=torch.float32):
+                 cond_drop_prob: float = 0.0, device=None, dtype=torch.float32, cache_prompts: bool = False):
         if sample_mode not in ("sample", "mean"):
             raise ValueError(f"sample_mode must be 'sample' or 'mean', got {sample_mode!r}")
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -45,6 +45,7 @@ class TextToImageEncoders:
         self.latent_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.pixel_channels = int(vae.config.in_channels)
         self.cache: Tensor | None = None  # [N, flips, 2c, h, w] posterior parameters (use_cache)
+        self.prompt_cache: dict[str, Tensor] | None = {} if cache_prompts else None
 
     @torch.no_grad()
     def posterior(self, pixels: Tensor) -> Tensor:
@@ -115,8 +116,17 @@ class TextToImageEncoders:
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> Tensor:
-        """Prompt embeddings ``[B, L, D]`` (float32), padded to the tokenizer's ``model_max_length``."""
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+        """Prompt embeddings ``[B, L, D]`` (float32), padded to the tokenizer's ``model_max_length``;
+        with ``cache_prompts``, each distinct prompt is encoded once and kept in memory."""
+        if self.prompt_cache is None:
+            return self._encode_prompts(list(prompts))
+        missing = list(dict.fromkeys(p for p in prompts if p not in self.prompt_cache))
+        if missing:
+            self.prompt_cache.update(zip(missing, self._encode_prompts(missing)))
+        return torch.stack([self.prompt_cache[p] for p in prompts])
+
+    def _encode_prompts(self, prompts: list[str]) -> Tensor:
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         return self.text_encoder(ids.to(self.device), return_dict=False)[0].float()
 
@@ -244,7 +254,8 @@ def build_encoders(cfg: TrainConfig, device, dtype=torch.float32) -> TextToImage
     vae_path, text_path = encoder_folders(cfg)
     encoder, tokenizer = load_text_encoder(text_path)
     return TextToImageEncoders(load_vae(vae_path), encoder, tokenizer, sample_mode=cfg.vae_sample_mode,
-                               cond_drop_prob=cfg.cond_drop_prob, device=device, dtype=dtype)
+                               cond_drop_prob=cfg.cond_drop_prob, device=device, dtype=dtype,
+                               cache_prompts=cfg.cache_prompt_embeds)
 
 
 def encoders_from_pipeline(folder, device=None) -> TextToImageEncoders:
