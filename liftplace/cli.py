@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_ema", action="store_true", help="From a checkpoint folder, use the raw (not EMA) weights.")
     p.add_argument("--nrow", type=int, default=None, help="Images per grid row. Default: about sqrt(N).")
     p.add_argument("--device", default=None, help="torch device. Default: cuda when available, else cpu.")
+    p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                   help="Text-to-image pipeline folders: a prompt (repeat for several; --num_images per prompt).")
+    p.add_argument("--guidance_scale", type=float, default=7.5,
+                   help="Classifier-free guidance scale with --prompt (1: none). Default: 7.5.")
 
     p = sub.add_parser(
         "demo", allow_abbrev=False, formatter_class=_formatter, help="the self-contained demo behind `make demo`",
@@ -150,20 +154,37 @@ def _train_command(args, role: str) -> int:
 def _sample_command(args) -> int:
     import torch
 
-    from .train.sampling import ddim_sample, ddim_scheduler_from, load_for_sampling, save_grid, save_images
+    from .train.sampling import (ddim_sample, ddim_scheduler_from, load_for_sampling, save_grid, save_images,
+                                 text_to_image)
 
     if args.num_images < 1 or args.batch_size < 1 or args.num_inference_steps < 1:
         raise ValueError("--num_images, --batch_size and --num_inference_steps must be >= 1")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     family, model, sched_cfg, model_dir = load_for_sampling(args.model, prefer_ema=not args.no_ema)
     model = model.to(device)
-    images = ddim_sample(family, model, ddim_scheduler_from(sched_cfg), args.num_images,
-                         family.sample_shape(dict(model.config)), seed=args.seed,
-                         num_inference_steps=args.num_inference_steps, eta=args.eta, batch_size=args.batch_size,
-                         device=device, progress=True)
+    if family.cond_keys == ("encoder_hidden_states",):
+        from .train.latent import encoders_from_pipeline, pipeline_folder_of
+
+        pipe = pipeline_folder_of(model_dir)
+        if pipe is None:
+            raise ValueError(f"{model_dir} is a text-conditional U-Net outside a pipeline folder; sample from the "
+                             "exported pipeline folder (output_dir/student), which has its VAE and text encoder")
+        if not args.prompt:
+            raise ValueError("a text-to-image model needs --prompt TEXT")
+        images = text_to_image(family, model, encoders_from_pipeline(pipe, device), ddim_scheduler_from(sched_cfg),
+                               args.prompt, images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
+                               seed=args.seed, num_inference_steps=args.num_inference_steps, eta=args.eta,
+                               batch_size=args.batch_size, device=device, progress=True)
+    else:
+        if args.prompt:
+            raise ValueError(f"--prompt: the model in {model_dir} is not text-conditional")
+        images = ddim_sample(family, model, ddim_scheduler_from(sched_cfg), args.num_images,
+                             family.sample_shape(dict(model.config)), seed=args.seed,
+                             num_inference_steps=args.num_inference_steps, eta=args.eta, batch_size=args.batch_size,
+                             device=device, progress=True)
     save_images(images, args.output_dir)
     grid = save_grid(images, f"{args.output_dir}/grid.png", nrow=args.nrow)
-    print(f"{args.num_images} images from {model_dir} -> {args.output_dir}/ (grid: {grid})")
+    print(f"{len(images)} images from {model_dir} -> {args.output_dir}/ (grid: {grid})")
     return 0
 
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from .config import ConfigError, TrainConfig, load_model_config
-from .data import make_dataset
-from .models import (DTYPES, ModelFamily, build_from_config, load_pretrained, model_config_dict, resolve_model_dir,
-                     scheduler_config_near)
+from .data import CaptionedImageDataset, make_dataset
+from .models import (DTYPES, ModelFamily, build_from_config, family_for_config, get_family, load_pretrained,
+                     model_config_dict, read_config, resolve_model_dir, scheduler_config_near)
 from .stream import mix_seed
 
 
@@ -82,6 +82,12 @@ def build_student(cfg: TrainConfig, family: ModelFamily, device, teacher: nn.Mod
     s = given
     if s is None and cfg.student_model_name_or_path is not None:
         s = load_pretrained(cfg.student_model_name_or_path, family, "student (student_model_name_or_path)")
+    elif s is None and cfg.student_arch is not None:
+        if teacher is None:
+            raise ConfigError(f"student_arch={cfg.student_arch} copies the teacher's weights: set a teacher")
+        from .bk import make_bk_student
+
+        s, _ = make_bk_student(teacher, cfg.student_arch)
     elif s is None:
         if cfg.student_config is not None:
             sc = load_model_config(cfg.student_config, "student_config")
@@ -97,8 +103,36 @@ def build_student(cfg: TrainConfig, family: ModelFamily, device, teacher: nn.Mod
     return _trainable(s, device)
 
 
-def build_dataset(cfg: TrainConfig, channels: int) -> Dataset:
+def resolve_family(cfg: TrainConfig, role: str = "student", teacher: nn.Module | None = None,
+                   student: nn.Module | None = None) -> ModelFamily:
+    """``model_type``, or with ``auto`` the family of the teacher's config (``_class_name``; the
+    trained model's for ``train-teacher``); ``unet2d`` when there is no config to ask."""
+    if cfg.model_type != "auto":
+        return get_family(cfg.model_type)
+    given = student if role == "teacher" else teacher
+    if given is not None:
+        return family_for_config(dict(given.config), "unet2d")
+    if cfg.pretrained_model_name_or_path is not None:
+        return family_for_config(read_config(resolve_model_dir(cfg.pretrained_model_name_or_path)), "unet2d")
+    if cfg.teacher_config is not None:
+        return family_for_config(load_model_config(cfg.teacher_config, "teacher_config"), "unet2d")
+    if student is not None:
+        return family_for_config(dict(student.config), "unet2d")
+    return get_family("unet2d")
+
+
+def build_dataset(cfg: TrainConfig, channels: int, captioned: bool = False) -> Dataset:
     name = cfg.train_data_dir or cfg.dataset_name
+    if captioned:
+        if not (isinstance(name, str) and Path(name).is_dir()):
+            raise ConfigError(f"a text-conditional model trains on captioned data: set train_data_dir to a folder "
+                              f"with images and metadata.jsonl or metadata.csv (got {name!r})")
+        return CaptionedImageDataset(name, cfg.resolution, channels, center_crop=cfg.center_crop,
+                                     image_column=cfg.image_column, caption_column=cfg.caption_column,
+                                     max_train_samples=cfg.max_train_samples)
     extra = {"center_crop": cfg.center_crop} if name not in ("digits", "synthetic") else {}
     # seed=0: the digits train/held-out split stays the same whatever the training seed
-    return make_dataset(name, cfg.resolution, channels, split="train", seed=0, **extra)
+    data = make_dataset(name, cfg.resolution, channels, split="train", seed=0, **extra)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(data):
+        data = Subset(data, range(cfg.max_train_samples))
+    return data

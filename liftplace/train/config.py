@@ -19,6 +19,15 @@ from pathlib import Path
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 KD_LOSSES = ("place", "lift", "output", "none")
+MODEL_TYPES = ("auto", "unet2d", "unet2d_condition")
+# Presets: values applied under the file and the command line (defaults < preset < file < flags).
+PRESETS = {
+    # BK-SDM's kd_train_text_to_image.py defaults and released scripts
+    "bk_sdm": dict(kd_reduction="mean", lambda_sd=1.0, lambda_kd_output=1.0, lambda_kd_feat=1.0,
+                   kd_feat_layers="bk_sdm", learning_rate=5e-5, lr_scheduler="constant", adam_weight_decay=1e-2,
+                   use_ema=False),
+}
+STUDENT_ARCHS = ("bk_base", "bk_small", "bk_tiny")
 
 
 class ConfigError(ValueError):
@@ -38,9 +47,15 @@ def _f(default, help: str, group: str, choices=None, **kw):
 class TrainConfig:
     """Every knob of ``liftplace distill`` / ``train-teacher``; see ``liftplace distill --help``."""
 
+    preset: str | None = _f(None, "bk_sdm: BK-SDM's KD settings (kd_reduction mean, lambda_sd = "
+                            "lambda_kd_output = lambda_kd_feat = 1, kd_feat_layers bk_sdm, learning_rate 5e-5, "
+                            "constant lr, adam_weight_decay 1e-2, no EMA) for every key the file or the command "
+                            "line leaves unset.", "model", choices=tuple(PRESETS))
     # --- models ------------------------------------------------------------------------
-    model_type: str = _f("unet2d", "Model family (the calling convention of teacher and student).", "model",
-                         choices=("unet2d",))
+    model_type: str = _f("auto", "Model family (the calling convention of teacher and student): auto = from the "
+                         "teacher's config.json (_class_name), unet2d (UNet2DModel, pixels) or unet2d_condition "
+                         "(UNet2DConditionModel: VAE latents, CLIP prompt embeddings).", "model",
+                         choices=MODEL_TYPES)
     pretrained_model_name_or_path: str | None = _f(
         None, "Teacher: a local diffusers model folder (save_pretrained: config.json + weights) or a "
         "pipeline folder with unet/. Nothing is downloaded. 'builtin:digits' is the teacher shipped "
@@ -64,6 +79,17 @@ class TrainConfig:
     student_norm_num_groups: int | None = _f(
         None, "Derived student: GroupNorm groups (default: the teacher's, reduced to divide every "
         "width).", "model")
+    student_arch: str | None = _f(
+        None, "unet2d_condition: a BK-SDM student made from the teacher by block removal, every remaining "
+        "weight copied from the teacher (BK-SDM's use_copy_weight_from_teacher); the student<-teacher module "
+        "mapping is printed. bk_base: one resnet(+attention) less per down and up stage; bk_small: also no "
+        "mid block; bk_tiny: also no innermost stage.", "model", choices=STUDENT_ARCHS)
+    pretrained_vae_model_name_or_path: str | None = _f(
+        None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder).",
+        "model")
+    text_encoder_path: str | None = _f(
+        None, "unet2d_condition: a folder with text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer), "
+        "e.g. a pipeline folder (default: the teacher's pipeline folder). Frozen.", "model")
 
     # --- data --------------------------------------------------------------------------
     dataset_name: str = _f("digits", "'digits' (scikit-learn's bundled digits, upscaled), 'synthetic', "
@@ -73,6 +99,24 @@ class TrainConfig:
     center_crop: bool = _f(True, "Image folders: centre crop (else random crop) after resizing.", "data")
     random_flip: bool = _f(False, "Flip training images horizontally with probability 0.5.", "data")
     dataloader_num_workers: int = _f(0, "DataLoader worker processes (0: load in the main process).", "data")
+    image_column: str = _f("image", "Captioned data (train_data_dir with metadata.jsonl/.csv): the column of "
+                           "image file names, relative to the folder.", "data")
+    caption_column: str = _f("text", "Captioned data: the column of captions.", "data")
+    max_train_samples: int | None = _f(None, "Keep only the first this many training samples.", "data")
+    cond_drop_prob: float = _f(0.0, "unet2d_condition: probability of replacing a caption by the empty prompt "
+                               "(the null condition of classifier-free guidance).", "data")
+    cache_latents: bool = _f(False, "unet2d_condition: encode every training image (and its mirror image, with "
+                             "random_flip) with the VAE once and keep the posteriors on disk; the latents are still "
+                             "drawn each step. The cache's manifest holds the VAE's hash and the data's, so a "
+                             "different VAE or data set is re-encoded, never reused.", "data")
+    cache_prompt_embeds: bool = _f(False, "unet2d_condition: keep each distinct caption's CLIP embedding in memory "
+                                   "after its first use (the text encoder is frozen); for small caption sets.",
+                                   "data")
+    latent_cache_dir: str | None = _f(None, "Folder of the latent cache (default: output_dir/latent_cache); "
+                                      "runs with the same VAE and data may share it.", "data")
+    vae_sample_mode: str = _f("sample", "unet2d_condition: latents are a sample of the VAE's posterior or its "
+                              "mean; scaled by the VAE's scaling_factor (after its shift_factor).", "data",
+                              choices=("sample", "mean"))
 
     # --- noise schedule ------------------------------------------------------------------
     prediction_type: str = _f("epsilon", "What the models predict (the DDPMScheduler prediction type); "
@@ -107,6 +151,13 @@ class TrainConfig:
     ema_power: float = _f(0.75, "EMA warmup power.", "train")
     mixed_precision: str = _f("no", "Autocast of the forward passes (accelerate); losses stay fp32.", "train",
                               choices=("no", "bf16", "fp16"))
+    snr_gamma: float | None = _f(None, "Min-SNR-gamma weighting of the denoising loss (diffusers' compute_snr; "
+                                 "5.0 is the paper's value); null: unweighted.", "train")
+    noise_offset: float = _f(0.0, "diffusers' noise offset: add noise_offset * N(0, 1) per sample and channel "
+                             "to the noise.", "train")
+    gradient_checkpointing: bool = _f(False, "Gradient checkpointing of the student (less memory, slower).",
+                                      "train")
+    allow_tf32: bool = _f(False, "Allow TF32 matmuls and convolutions on Ampere+ GPUs.", "train")
     max_bad_steps: int = _f(10, "Stop with an error after this many consecutive steps with a non-finite "
                             "loss or gradient (each one is skipped).", "train")
 
@@ -116,8 +167,11 @@ class TrainConfig:
     lambda_sd: float = _f(1.0, "Weight of the student's own denoising loss.", "kd")
     lambda_kd_output: float = _f(1.0, "Weight of the output distillation loss.", "kd")
     lambda_kd_feat: float = _f(0.0, "Weight of FitNet feature distillation (1x1 conv adapters; 0: off).", "kd")
-    kd_feat_layers: str = _f("all", "Feature KD points: 'all' or a comma list such as "
-                             "'mid_block,up_blocks.0'.", "kd")
+    kd_feat_layers: str = _f("all", "Feature KD points: 'all' (every block, same names), 'bk_sdm' (BK-SDM's "
+                             "pairs for student_arch) or a comma list of module names, each 'name' or "
+                             "'teacher_name:student_name', such as 'mid_block,up_blocks.1:up_blocks.0'.", "kd")
+    kd_feat_loss: str = _f("mse", "Feature KD loss: mse (FitNet, BK-SDM) or lift_place (the LIFT/PLACE loss on "
+                           "the adapted feature maps, with the kd_* options).", "kd", choices=("mse", "lift_place"))
     group_size: int = _f(16, "Elements per group (PLACE and patch grouping).", "kd")
     kd_grouping: str | None = _f(None, "Override the grouping implied by kd_loss (place: error, lift: "
                                  "global).", "kd", choices=("global", "error", "patch"))
@@ -144,7 +198,12 @@ class TrainConfig:
     logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.", "log")
     validation_steps: int = _f(500, "Save a DDIM sample grid from the (EMA) student every this many steps "
                                "and at the end (0: only at the end).", "log")
-    num_validation_images: int = _f(16, "Images in each validation grid.", "log")
+    num_validation_images: int = _f(16, "Images in each validation grid (per prompt for unet2d_condition).",
+                                    "log")
+    validation_prompts: list[str] | None = _f(
+        None, "unet2d_condition: prompts of the validation grids (default: the first training captions).", "log")
+    guidance_scale: float = _f(7.5, "unet2d_condition: classifier-free guidance scale of the validation "
+                               "grids (1: no guidance).", "log")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every this many steps (and at the end).",
                                   "log")
     checkpoints_total_limit: int | None = _f(None, "Keep only this many most recent checkpoints.", "log")
@@ -211,6 +270,22 @@ class TrainConfig:
             v = getattr(self, name)
             if not 0 <= v < 1 and not (name == "ema_decay" and v == 1):
                 raise ConfigError(f"{name} must be in [0, 1), got {v}")
+        if self.snr_gamma is not None and not (self.snr_gamma > 0 and math.isfinite(self.snr_gamma)):
+            raise ConfigError(f"snr_gamma must be a positive finite number (or null), got {self.snr_gamma}")
+        if not (self.noise_offset >= 0 and math.isfinite(self.noise_offset)):
+            raise ConfigError(f"noise_offset must be a finite number >= 0, got {self.noise_offset}")
+        if not 0 <= self.cond_drop_prob <= 1:
+            raise ConfigError(f"cond_drop_prob must be in [0, 1], got {self.cond_drop_prob}")
+        if not (self.guidance_scale >= 1 and math.isfinite(self.guidance_scale)):
+            raise ConfigError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"max_train_samples must be >= 1 (or null), got {self.max_train_samples}")
+        if self.cache_latents and not self.center_crop:
+            raise ConfigError("cache_latents needs center_crop: a random crop would be frozen into the cache")
+        if self.student_arch is not None and (self.student_config is not None
+                                              or self.student_model_name_or_path is not None):
+            raise ConfigError("set only one of student_arch, student_config and student_model_name_or_path "
+                              "(the student)")
         if not 0 < self.student_width_mult <= 1:
             raise ConfigError(f"student_width_mult must be in (0, 1], got {self.student_width_mult}")
         if self.group_size < 2:
@@ -296,14 +371,20 @@ def _field_kinds() -> dict:
             args = set(typing.get_args(hints[f.name])) or {hints[f.name]}
             optional = type(None) in args
             args.discard(type(None))
-            base = "model_config" if dict in args else next(iter(args))
+            if dict in args:
+                base = "model_config"
+            elif any(typing.get_origin(a) is list for a in args):
+                base = "str_list"
+            else:
+                base = next(iter(args))
             kinds[f.name] = (base, optional)
         _KINDS = kinds
     return _KINDS
 
 
 def _type_name(base) -> str:
-    return {"model_config": "a mapping or a JSON file path"}.get(base, getattr(base, "__name__", str(base)))
+    names = {"model_config": "a mapping or a JSON file path", "str_list": "a list of strings"}
+    return names[base] if isinstance(base, str) else getattr(base, "__name__", str(base))
 
 
 def _check_type(key: str, value, kind, source: str):
@@ -323,6 +404,8 @@ def _check_type(key: str, value, kind, source: str):
         ok = isinstance(value, str)
     elif base == "model_config":
         ok = isinstance(value, (dict, str))
+    elif base == "str_list":
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
     if not ok:
         raise ConfigError(f"{source}: key {key!r} must be {_type_name(base)}{' or null' if optional else ''}, "
                           f"got {type(value).__name__} {value!r}")
@@ -383,10 +466,17 @@ def build_config(yaml_path=None, overrides: dict | None = None, base: dict | Non
     merged = TrainConfig().to_dict()
     if base:
         merged.update(_coerce_mapping(base, "defaults"))
+    explicit = {}
     if yaml_path is not None:
-        merged.update(load_yaml(yaml_path))
+        explicit.update(load_yaml(yaml_path))
     if overrides:
-        merged.update(_coerce_mapping(overrides, "command line"))
+        explicit.update(_coerce_mapping(overrides, "command line"))
+    preset = explicit.get("preset", merged["preset"])
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ConfigError(f"preset must be one of {', '.join(map(repr, PRESETS))}; got {preset!r}")
+        merged.update(PRESETS[preset])
+    merged.update(explicit)
     cfg = TrainConfig(**merged)
     cfg.validate()
     return cfg
@@ -416,13 +506,13 @@ def load_model_config(value, what: str) -> dict:
     return data
 
 
-def validate_against_model(cfg: TrainConfig, model_config: dict, what: str) -> None:
+def validate_against_model(cfg: TrainConfig, model_config: dict, what: str, resolution: int | None = None) -> None:
     """Check ``cfg`` against one model's config (its ``config.json`` as a dict) before the model is
     built; ``what`` names where the model comes from (a config key). Raises :class:`ConfigError`."""
     down = model_config.get("down_block_types")
     if isinstance(down, (list, tuple)) and len(down) > 1:
         factor = 2 ** (len(down) - 1)
-        r = cfg.resolution
+        r = resolution or cfg.resolution
         if r % factor:
             lower, upper = max(factor, r // factor * factor), (r // factor + 1) * factor
             raise ConfigError(f"resolution={r} does not fit {what}: its {len(down)} down blocks "
@@ -430,11 +520,13 @@ def validate_against_model(cfg: TrainConfig, model_config: dict, what: str) -> N
                               f"multiple of {factor}; use resolution {lower} or {upper}")
 
 
-def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, student=None) -> None:
+def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, student=None,
+                    resolution: int | None = None) -> None:
     """:func:`validate_against_model` for every model the run will build or load, from the configs
     alone (``config.json`` of a model folder, ``teacher_config`` / ``student_config``), before any
     model is instantiated. ``teacher`` / ``student``: models passed in directly (their ``.config``).
-    ``role="teacher"`` (train-teacher): the model trained is ``student`` or the teacher keys."""
+    ``role="teacher"`` (train-teacher): the model trained is ``student`` or the teacher keys.
+    ``resolution``: the size the models see (the latent size for latent models; default ``cfg.resolution``)."""
     from .models import read_config, resolve_model_dir  # models imports this module
 
     def from_keys(module, name: str, path_key: str, config_key: str):
@@ -454,7 +546,7 @@ def validate_models(cfg: TrainConfig, role: str = "student", *, teacher=None, st
                    from_keys(student, "student", "student_model_name_or_path", "student_config")]
     for source in sources:
         if source is not None:
-            validate_against_model(cfg, source[1], source[0])
+            validate_against_model(cfg, source[1], source[0], resolution)
 
 
 # --- command line ----------------------------------------------------------------------------
@@ -530,6 +622,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, *, skip=(), defaults: 
         kwargs = dict(dest=f.name, default=argparse.SUPPRESS, type=_cli_parser(f.name), help=text)
         if base is bool:
             kwargs.update(nargs="?", const=True, metavar="{true,false}" + (",none" if optional else ""))
+        elif base == "str_list":
+            kwargs.update(nargs="+", type=str, metavar="TEXT")
         elif choices:
             kwargs["metavar"] = "{" + ",".join(choices) + "}"
         else:

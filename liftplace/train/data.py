@@ -1,7 +1,8 @@
 """Datasets for distillation runs: built-in digits, an image folder, synthetic fields.
 
 Every dataset returns ``{"pixel_values": Tensor[C, H, W] in [-1, 1], "label": int}``,
-the layout diffusers' training examples feed to a ``UNet2DModel``; a model family
+the layout diffusers' training examples feed to a ``UNet2DModel`` (a captioned folder
+adds ``"caption": str``, diffusers' ``train_text_to_image.py`` layout); a model family
 names the keys beyond ``pixel_values`` it takes as conditioning (``cond_keys``).
 Nothing is downloaded: ``digits`` is scikit-learn's bundled 8x8 digits set, upscaled.
 
@@ -12,6 +13,8 @@ the uninterrupted one whatever the DataLoader workers.
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 from pathlib import Path
 
@@ -23,8 +26,10 @@ from torch.utils.data import Dataset
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DigitsDataset",
+    "CaptionedImageDataset",
     "ImageFolderDataset",
     "SyntheticDataset",
+    "flip_coins",
     "make_dataset",
     "random_hflip",
 ]
@@ -51,10 +56,15 @@ def _check_channels(channels) -> int:
     return channels
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image of ``images`` (``[B, C, H, W]``) horizontally with probability 0.5,
-    the coins drawn from ``generator`` (a CPU generator; one draw of ``B`` values)."""
-    flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
+def flip_coins(n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` fair coins (bool ``[n]``) from ``generator`` (a CPU generator; one draw of ``n`` values)."""
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def random_hflip(images: torch.Tensor, generator: torch.Generator, flips: torch.Tensor | None = None) -> torch.Tensor:
+    """Flip each image of ``images`` (``[B, C, H, W]``) horizontally with probability 0.5, the
+    coins drawn from ``generator`` by :func:`flip_coins` (or given as ``flips``)."""
+    flip = (flip_coins(images.shape[0], generator) if flips is None else flips).to(images.device)
     return torch.where(flip.view(-1, *([1] * (images.dim() - 1))), images.flip(-1), images)
 
 
@@ -178,9 +188,13 @@ class ImageFolderDataset(Dataset):
         return im
 
     def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self._square(self.files[i]), "label": 0}
+
+    def _square(self, path: Path) -> torch.Tensor:
+        """The image at ``path``: shorter side resized to ``resolution``, square-cropped, in [-1, 1]."""
         from PIL import Image
 
-        im = self._load(self.files[i])
+        im = self._load(path)
         res = self.resolution
         w, h = im.size
         scale = res / min(w, h)
@@ -198,11 +212,92 @@ class ImageFolderDataset(Dataset):
         arr = np.asarray(im, dtype=np.float32)  # [H, W] or [H, W, 3], 0..255
         x = torch.from_numpy(arr.copy())
         x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        x = (x / 127.5 - 1.0).contiguous()
-        return {"pixel_values": x, "label": 0}
+        return (x / 127.5 - 1.0).contiguous()
 
     def __repr__(self) -> str:
         return (f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, "
+                f"resolution={self.resolution}, channels={self.channels})")
+
+
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+
+def read_caption_metadata(root, image_column: str = "image", caption_column: str = "text"):
+    """``[(image path, caption)]`` from ``root/metadata.jsonl`` or ``metadata.csv`` (diffusers'
+    image-folder layout: the image's path relative to ``root`` in ``image_column`` or, as in
+    ``datasets``' imagefolder, in ``file_name``). Errors name the file, the row and the column."""
+    root = Path(root)
+    meta = next((root / m for m in METADATA_FILES if (root / m).is_file()), None)
+    if meta is None:
+        raise ValueError(f"captioned data: {str(root)!r} has no {' or '.join(METADATA_FILES)} (one row per image "
+                         f"with columns {image_column!r} or 'file_name', and {caption_column!r})")
+    try:
+        if meta.suffix == ".jsonl":
+            rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
+        else:
+            with open(meta, newline="") as f:
+                rows = list(csv.DictReader(f))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"captioned data: cannot read {str(meta)!r}: {exc}") from exc
+    if not rows:
+        raise ValueError(f"captioned data: {str(meta)!r} lists no images")
+    items = []
+    for n, row in enumerate(rows, start=1):
+        where = f"{str(meta)!r} row {n}"
+        if not isinstance(row, dict):
+            raise ValueError(f"captioned data: {where} is not an object with columns")
+        key = image_column if image_column in row else "file_name"
+        if key not in row:
+            raise ValueError(f"captioned data: {where} has no image column {image_column!r} (nor 'file_name'); "
+                             f"its columns: {', '.join(map(str, row))}; set image_column")
+        if caption_column not in row:
+            raise ValueError(f"captioned data: {where} has no caption column {caption_column!r}; its columns: "
+                             f"{', '.join(map(str, row))}; set caption_column")
+        caption = row[caption_column]
+        if not isinstance(caption, str):
+            raise ValueError(f"captioned data: {where}, column {caption_column!r}: the caption must be a string, "
+                             f"got {caption!r}")
+        path = root / str(row[key])
+        if not path.is_file():
+            raise ValueError(f"captioned data: {where}, column {key!r}: image {str(path)!r} does not exist")
+        items.append((path, caption))
+    return items
+
+
+class CaptionedImageDataset(ImageFolderDataset):
+    """Images with captions, in diffusers' ``train_text_to_image.py`` layout: ``root`` holds
+    the images and ``metadata.jsonl`` / ``metadata.csv`` (see :func:`read_caption_metadata`).
+    Items: ``{"pixel_values": [channels, resolution, resolution], "caption": str, "label": 0}``.
+    Every image is opened once here, so an unreadable one fails before training starts."""
+
+    def __init__(self, root, resolution: int, channels: int = 3, center_crop: bool = True,
+                 image_column: str = "image", caption_column: str = "text", max_train_samples: int | None = None):
+        from PIL import Image
+
+        self.root = Path(root)
+        self.resolution = _check_resolution(resolution)
+        self.channels = _check_channels(channels)
+        self.center_crop = bool(center_crop)
+        if not self.root.is_dir():
+            raise ValueError(f"captioned data: {str(self.root)!r} does not exist or is not a directory")
+        items = read_caption_metadata(self.root, image_column, caption_column)
+        if max_train_samples is not None:
+            items = items[:max_train_samples]
+        for path, _ in items:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except Exception as exc:  # noqa: BLE001 - PIL raises many kinds; name the file
+                raise ValueError(f"captioned data: cannot read image {str(path)!r} (column {image_column!r} of "
+                                 f"{str(self.root)!r}'s metadata): {exc}") from exc
+        self.files = [p for p, _ in items]
+        self.captions = [c for _, c in items]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self._square(self.files[i]), "caption": self.captions[i], "label": 0, "index": i}
+
+    def __repr__(self) -> str:
+        return (f"CaptionedImageDataset(root={str(self.root)!r}, n={len(self)}, "
                 f"resolution={self.resolution}, channels={self.channels})")
 
 

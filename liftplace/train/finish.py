@@ -18,29 +18,51 @@ import torch
 
 from ..eval.plots import plot_bucket_heatmaps
 from .models import DTYPES
-from .sampling import ddim_sample, ddim_scheduler_from, save_grid
+from .sampling import ddim_sample, ddim_scheduler_from, save_grid, text_to_image
 
 if TYPE_CHECKING:
     from .trainer import Trainer
 
 def sample_grid(tr: Trainer) -> Path | None:
-    """A DDIM grid of ``num_validation_images`` from the (EMA) student: ``samples/step-<N>.png``."""
+    """A DDIM grid of ``num_validation_images`` from the (EMA) student: ``samples/step-<N>.png``.
+    Latent text-to-image models: one row per validation prompt, guided by ``guidance_scale``
+    and decoded by the VAE."""
     if not tr.accelerator.is_main_process:
         return None
     cfg = tr.cfg
     sched = ddim_scheduler_from(tr.noise_scheduler.config)
+    nrow = None
     with tr.ema_weights() as model:
-        images = ddim_sample(tr.family, model, sched, cfg.num_validation_images, tr.sample_shape, seed=cfg.seed,
-                             num_inference_steps=cfg.ddpm_num_inference_steps, batch_size=cfg.num_validation_images,
-                             device=tr.device)
-    path = save_grid(images, tr.output_dir / "samples" / f"step-{tr.global_step:06d}.png")
+        if tr.encoders is not None:
+            prompts = validation_prompts(tr)
+            images = text_to_image(tr.family, model, tr.encoders, sched, prompts,
+                                   images_per_prompt=cfg.num_validation_images, guidance_scale=cfg.guidance_scale,
+                                   seed=cfg.seed, num_inference_steps=cfg.ddpm_num_inference_steps,
+                                   batch_size=cfg.num_validation_images, device=tr.device,
+                                   sample_shape=tr.sample_shape)
+            nrow = cfg.num_validation_images
+        else:
+            images = ddim_sample(tr.family, model, sched, cfg.num_validation_images, tr.sample_shape, seed=cfg.seed,
+                                 num_inference_steps=cfg.ddpm_num_inference_steps,
+                                 batch_size=cfg.num_validation_images, device=tr.device)
+    path = save_grid(images, tr.output_dir / "samples" / f"step-{tr.global_step:06d}.png", nrow=nrow)
     tr.log.info(f"saved sample grid {path}")
     return path
 
 
+def validation_prompts(tr: Trainer, default_count: int = 4) -> list[str]:
+    """``validation_prompts``, else the first distinct non-empty training captions."""
+    if tr.cfg.validation_prompts:
+        return list(tr.cfg.validation_prompts)
+    captions = getattr(tr.dataset, "captions", None) or []
+    return list(dict.fromkeys(c for c in captions if c))[:default_count] or [""]
+
+
 def export_model(tr: Trainer) -> Path | None:
     """The final (EMA) model with save_pretrained (safetensors) + scheduler_config.json in
-    ``output_dir/<role>``, written beside it and renamed into place; sets ``tr.model_dir``."""
+    ``output_dir/<role>``, written beside it and renamed into place; sets ``tr.model_dir``.
+    A latent text-to-image model is exported as a complete ``StableDiffusionPipeline`` folder
+    (the run's VAE, text encoder and tokenizer, the noise schedule, the model as ``unet/``)."""
     acc = tr.accelerator
     acc.wait_for_everyone()
     if not acc.is_main_process:
@@ -53,8 +75,12 @@ def export_model(tr: Trainer) -> Path | None:
         m = m.to(DTYPES[tr.cfg.export_dtype])
     tmp = tr.output_dir / f".tmp-{tr.role}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    m.save_pretrained(str(tmp), safe_serialization=True)
-    tr.noise_scheduler.save_pretrained(str(tmp))
+    if tr.encoders is not None:
+        tr.encoders.pipeline(m, tr.noise_scheduler, DTYPES[tr.cfg.export_dtype]).save_pretrained(
+            str(tmp), safe_serialization=True)
+    else:
+        m.save_pretrained(str(tmp), safe_serialization=True)
+        tr.noise_scheduler.save_pretrained(str(tmp))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)

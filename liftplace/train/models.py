@@ -3,9 +3,9 @@
 The training step never calls a model directly: it goes through a :class:`ModelFamily`,
 which knows the model class, how to call it on ``(noisy, timesteps, conditioning)``,
 which blocks carry features for feature KD, and how to derive a smaller student.
-Pixel ``UNet2DModel`` is the one family today; conditional U-Nets, DiTs and latent
-models add a family (and, for latents, an encoder in the data path) without
-touching the step.
+Families: pixel ``UNet2DModel`` (``unet2d``) and text-conditional
+``UNet2DConditionModel`` (``unet2d_condition``, the Stable Diffusion U-Net; its latents and
+prompt embeddings come from the frozen encoders of ``latent.py``).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ class ModelFamily:
     name: str
     class_names: tuple[str, ...]
     cond_keys: tuple[str, ...] = ()
-    end_of_run: tuple[str, ...] = ("sample_grid", "export", "bucket_heatmaps")
+    # the export first: a sample grid that fails must never cost the trained model
+    end_of_run: tuple[str, ...] = ("export", "sample_grid", "bucket_heatmaps")
 
     def model_class(self):
         raise NotImplementedError
@@ -67,6 +68,15 @@ class ModelFamily:
     def check_supported(self, config: dict, what: str) -> None:
         pass
 
+    def build_encoders(self, cfg, device, dtype):
+        """The frozen encoders between the data and the denoiser (latents, prompt embeddings), or
+        None when the model takes the dataset's pixels directly."""
+        return None
+
+    def model_resolution(self, cfg) -> int:
+        """The spatial size the models see for ``cfg.resolution`` (from configs only)."""
+        return cfg.resolution
+
 
 class UNet2DFamily(ModelFamily):
     """Unconditional pixel-space ``diffusers.UNet2DModel``."""
@@ -89,10 +99,15 @@ class UNet2DFamily(ModelFamily):
         return (int(config.get("in_channels", 3)), int(size), int(size))
 
     def feature_points(self, model):
+        """Every down/mid/up block, and (below block level) each block's resnets and attentions."""
         points = {f"down_blocks.{i}": b for i, b in enumerate(model.down_blocks)}
         if model.mid_block is not None:
             points["mid_block"] = model.mid_block
         points.update({f"up_blocks.{i}": b for i, b in enumerate(model.up_blocks)})
+        for name, block in list(points.items()):
+            for kind in ("resnets", "attentions"):
+                for j, sub in enumerate(getattr(block, kind, None) or ()):
+                    points[f"{name}.{kind}.{j}"] = sub
         return points
 
     def check_supported(self, config, what):
@@ -142,12 +157,62 @@ class UNet2DFamily(ModelFamily):
         return cfg
 
 
-FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily()}
+class UNet2DConditionFamily(UNet2DFamily):
+    """Text-conditional ``diffusers.UNet2DConditionModel`` (Stable Diffusion, BK-SDM), called with
+    the prompt embeddings as ``encoder_hidden_states`` (batch key of the same name)."""
+
+    name = "unet2d_condition"
+    class_names = ("UNet2DConditionModel",)
+    cond_keys = ("encoder_hidden_states",)
+
+    def model_class(self):
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel
+
+    def forward(self, model, noisy, timesteps, cond):
+        hidden = cond["encoder_hidden_states"]
+        return model(noisy, timesteps, encoder_hidden_states=hidden.to(noisy.dtype), return_dict=False)[0]
+
+    def build_encoders(self, cfg, device, dtype):
+        from .latent import build_encoders
+
+        return build_encoders(cfg, device, dtype)
+
+    def model_resolution(self, cfg) -> int:
+        from .latent import latent_factor
+
+        factor = latent_factor(cfg)
+        if cfg.resolution % factor:
+            raise ConfigError(f"resolution={cfg.resolution} must be a multiple of the VAE's downsampling factor "
+                              f"{factor}")
+        return cfg.resolution // factor
+
+    def check_supported(self, config, what):
+        for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim"):
+            if config.get(key) is not None:
+                raise ConfigError(f"{what}: UNet2DConditionModel with {key}={config.get(key)!r} (SDXL-style or "
+                                  "class conditioning) is not supported yet; only prompt embeddings "
+                                  "(encoder_hidden_states) condition the model")
+        if config.get("in_channels") != config.get("out_channels"):
+            raise ConfigError(f"{what}: in_channels ({config.get('in_channels')}) must equal out_channels "
+                              f"({config.get('out_channels')}) for a denoiser")
+
+    def derive_student_config(self, teacher_config, *, width_mult=0.25, layers_per_block=None, attention=None,
+                              norm_num_groups=None):
+        if attention is False:
+            raise ConfigError("student_attention=false is not supported for unet2d_condition (the cross-attention "
+                              "carries the prompt); use student_arch bk_base|bk_small|bk_tiny or student_config")
+        return super().derive_student_config(teacher_config, width_mult=width_mult,
+                                             layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
+
+
+FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily(), "unet2d_condition": UNet2DConditionFamily()}
 
 
 def get_family(name: str) -> ModelFamily:
     if name not in FAMILIES:
-        raise ConfigError(f"model_type {name!r} is not known; available: {', '.join(FAMILIES)}")
+        raise ConfigError(f"model_type {name!r} is not known; supported families: {', '.join(FAMILIES)}")
     return FAMILIES[name]
 
 
@@ -186,14 +251,16 @@ def read_config(model_dir: Path) -> dict:
 
 
 def family_for_config(config: dict, default: str) -> ModelFamily:
+    """The family of a model config: its ``_class_name``; without one, ``cross_attention_dim``
+    means a ``UNet2DConditionModel``, else ``default``."""
     cls = config.get("_class_name")
     if cls is None:
-        return get_family(default)
+        return get_family("unet2d_condition" if "cross_attention_dim" in config else default)
     for fam in FAMILIES.values():
         if cls in fam.class_names:
             return fam
-    raise ConfigError(f"model class {cls!r} is not supported; supported: "
-                      + ", ".join(c for f in FAMILIES.values() for c in f.class_names))
+    raise ConfigError(f"model class {cls!r} is not supported; supported families: "
+                      + ", ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES.values()))
 
 
 def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -> nn.Module:
@@ -295,15 +362,45 @@ class FeatureTaps:
         self.handles = []
 
 
-def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.Module, spec: str):
+def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.Module, spec: str,
+                          student_arch: str | None = None):
+    """``(teacher points, student points)``, two dicts keyed alike by pair label. ``spec``: ``all``
+    (every block of the same name), ``bk_sdm`` (BK-SDM's pairs for ``student_arch``, see
+    ``bk.bk_feature_pairs``) or a comma list of module names, each ``name`` (the same in both)
+    or ``teacher_name:student_name``. Any module path of the models is allowed, below block
+    level too (``down_blocks.2.attentions.1.proj_out``). Resolved on the unwrapped models."""
     t_points, s_points = family.feature_points(teacher), family.feature_points(student)
-    names = list(t_points) if spec.strip() == "all" else [n.strip() for n in spec.split(",") if n.strip()]
-    for n in names:
-        for role, pts in (("teacher", t_points), ("student", s_points)):
-            if n not in pts:
-                raise ConfigError(f"kd_feat_layers: {n!r} is not a block of the {role}; available: "
-                                  + ", ".join(pts))
-    return {n: t_points[n] for n in names}, {n: s_points[n] for n in names}
+    if spec.strip() == "all":  # every block (not the resnets/attentions inside them)
+        pairs = [(n, n) for n in t_points if n.count(".") <= 1]
+    elif spec.strip() == "bk_sdm":
+        if student_arch is None:
+            raise ConfigError("kd_feat_layers=bk_sdm pairs the blocks BK-SDM distils for a student_arch; set "
+                              "student_arch bk_base|bk_small|bk_tiny, or list the layers")
+        from .bk import bk_feature_pairs
+
+        pairs = bk_feature_pairs(student_arch, teacher, student)
+    else:
+        pairs = []
+        for item in (x.strip() for x in spec.split(",")):
+            if item:
+                t, _, s = item.partition(":")
+                pairs.append((t.strip(), (s or t).strip()))
+    out_t, out_s = {}, {}
+    for t_name, s_name in pairs:
+        label = t_name if t_name == s_name else f"{t_name}:{s_name}"
+        out_t[label] = _feature_module(teacher, t_points, t_name, "teacher")
+        out_s[label] = _feature_module(student, s_points, s_name, "student")
+    return out_t, out_s
+
+
+def _feature_module(model: nn.Module, points: dict, name: str, role: str) -> nn.Module:
+    if name in points:
+        return points[name]
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"kd_feat_layers: {name!r} is not a module of the {role}; blocks: "
+                          + ", ".join(n for n in points if n.count(".") <= 1)) from None
 
 
 def block_channels(module: nn.Module) -> int:
@@ -311,6 +408,10 @@ def block_channels(module: nn.Module) -> int:
     resnets = getattr(module, "resnets", None)
     if resnets:
         return resnets[-1].out_channels
+    if isinstance(getattr(module, "out_channels", None), int):  # a resnet, attention or conv inside a block
+        return module.out_channels
+    if isinstance(module, nn.Linear):
+        return module.out_features
     raise ConfigError(f"cannot tell the output width of block {type(module).__name__}")
 
 
@@ -321,9 +422,13 @@ class FeatureAdapters(nn.Module):
         super().__init__()
         self.names = list(pairs)
         self.adapters = nn.ModuleDict({
-            n.replace(".", "_"): (nn.Conv2d(s, t, kernel_size=1) if s != t else nn.Identity())
+            self.key(n): (nn.Conv2d(s, t, kernel_size=1) if s != t else nn.Identity())
             for n, (s, t) in pairs.items()
         })
 
+    @staticmethod
+    def key(name: str) -> str:
+        return name.replace(".", "_").replace(":", "__")
+
     def forward(self, name: str, x: Tensor) -> Tensor:
-        return self.adapters[name.replace(".", "_")](x)
+        return self.adapters[self.key(name)](x)

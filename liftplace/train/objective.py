@@ -40,8 +40,9 @@ def make_noise_scheduler(cfg: TrainConfig):
 class NoiseObjective:
     """DDPM forward process with an epsilon, v or sample target (diffusers' DDPMScheduler)."""
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, noise_offset: float = 0.0):
         self.scheduler = scheduler
+        self.noise_offset = float(noise_offset)
         self.prediction_type = scheduler.config.prediction_type
         self.num_train_timesteps = scheduler.config.num_train_timesteps
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
@@ -52,6 +53,9 @@ class NoiseObjective:
         noise = torch.randn(clean.shape, generator=generator, device=generator.device, dtype=torch.float32)
         timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=generator,
                                   device=generator.device)
+        if self.noise_offset:  # diffusers' noise offset: one extra constant per sample and channel
+            noise = noise + self.noise_offset * torch.randn((*clean.shape[:2], *([1] * (clean.dim() - 2))),
+                                                            generator=generator, device=generator.device)
         noise, timesteps = noise.to(clean.device), timesteps.to(clean.device)
         clean = clean.float()
         noisy = self.scheduler.add_noise(clean, noise, timesteps)
@@ -64,11 +68,30 @@ class NoiseObjective:
         return noisy, timesteps, target
 
 
-def reduce_squared_error(x: Tensor, y: Tensor, reduction: str) -> Tensor:
+def reduce_squared_error(x: Tensor, y: Tensor, reduction: str, weights: Tensor | None = None) -> Tensor:
     """Squared error summed over all but the batch dim and averaged over the batch ("sum"),
-    or averaged over every element ("mean") — the same reductions as the KD loss."""
+    or averaged over every element ("mean") — the same reductions as the KD loss.
+    ``weights`` ``[B]``: per-sample weights of the batch average (min-SNR weighting)."""
     sq = (x.float() - y.float()).square()
+    if weights is not None:
+        per_sample = sq.flatten(1).sum(1) if reduction == "sum" else sq.flatten(1).mean(1)
+        return (per_sample * weights).mean()
     return sq.sum() / x.shape[0] if reduction == "sum" else sq.mean()
+
+
+def min_snr_weights(scheduler, timesteps: Tensor, gamma: float, prediction_type: str) -> Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) as diffusers' ``train_text_to_image.py``:
+    ``min(snr, gamma) / snr`` for epsilon, ``/ (snr + 1)`` for v-prediction, ``min(snr, gamma)``
+    for sample prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps).float()
+    w = torch.clamp(snr, max=gamma)
+    if prediction_type == "epsilon":
+        return w / snr
+    if prediction_type == "v_prediction":
+        return w / (snr + 1)
+    return w
 
 
 @dataclass
@@ -165,6 +188,18 @@ class DistillationLoss:
         return dict(group_size=c.group_size, grouping=c.grouping, norm=c.kd_norm, reduction=c.kd_reduction,
                     weight=c.kd_weight, parts=c.kd_parts, coarse_weight=c.kd_coarse_weight, eps=c.kd_eps)
 
+    def feature_loss(self, name: str, student: Tensor, teacher: Tensor, step: int) -> Tensor:
+        """One feature pair's loss: squared error (``mse``) or LIFT/PLACE on the feature maps."""
+        c = self.cfg
+        if c.kd_feat_loss == "mse":
+            return reduce_squared_error(student, teacher, c.kd_reduction)
+        n = student[0, 0].numel()
+        if c.grouping != "global" and n < c.group_size:
+            raise ValueError(f"kd_feat_loss=lift_place: feature {name!r} {tuple(student.shape)} has {n} elements per "
+                             f"channel, fewer than group_size={c.group_size}; pick larger feature maps in "
+                             "kd_feat_layers or lower group_size")
+        return lift_place_loss(student, teacher, step=step, total_steps=c.max_train_steps, **self.kd_options())
+
     def teacher_output(self, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
         with torch.no_grad():
             out = self.family.forward(self.teacher, noisy.to(self.teacher_dtype), timesteps, cond)
@@ -194,7 +229,10 @@ class DistillationLoss:
         x = x.float()  # losses in fp32 whatever the autocast dtype
         s_feats = self.taps[1].pop() if self.taps else None
 
-        sd = reduce_squared_error(x, target, c.kd_reduction)
+        weights = None
+        if c.snr_gamma is not None:
+            weights = min_snr_weights(self.objective.scheduler, timesteps, c.snr_gamma, self.objective.prediction_type)
+        sd = reduce_squared_error(x, target, c.kd_reduction, weights)
         total = c.lambda_sd * sd if c.lambda_sd else sd.new_zeros(())
         terms["sd_loss"] = sd.detach()
 
@@ -225,7 +263,7 @@ class DistillationLoss:
             feat = x.new_zeros(())
             for name, ft in t_feats.items():
                 fs = self.adapters(name, s_feats[name].float())
-                feat = feat + reduce_squared_error(fs, ft.float(), c.kd_reduction)
+                feat = feat + self.feature_loss(name, fs, ft.float(), step)
             total = total + c.lambda_kd_feat * feat
             terms["feat_loss"] = feat.detach()
         terms["loss"] = total.detach()

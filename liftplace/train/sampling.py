@@ -30,8 +30,12 @@ def ddim_scheduler_from(noise_scheduler_config: dict):
 @torch.no_grad()
 def ddim_sample(family: ModelFamily, model: nn.Module, scheduler, num_images: int, sample_shape, *, seed: int = 0,
                 num_inference_steps: int = 50, eta: float = 0.0, batch_size: int = 64, device=None,
-                progress: bool = False) -> Tensor:
-    """``num_images`` samples ``[N, *sample_shape]`` (float32, CPU), clamped to [-1, 1]."""
+                progress: bool = False, cond: dict | None = None, uncond: dict | None = None,
+                guidance_scale: float = 1.0, clamp: bool = True) -> Tensor:
+    """``num_images`` samples ``[N, *sample_shape]`` (float32, CPU), clamped to [-1, 1] (``clamp``).
+
+    ``cond``: conditioning per image (tensors ``[N, ...]``); with ``uncond`` (one row, ``[1, ...]``)
+    and ``guidance_scale > 1``, classifier-free guidance ``u + s * (c - u)``."""
     if num_images < 1:
         raise ValueError(f"num_images must be >= 1, got {num_images}")
     if batch_size < 1:
@@ -56,15 +60,37 @@ def ddim_sample(family: ModelFamily, model: nn.Module, scheduler, num_images: in
             for t in scheduler.timesteps:
                 model_in = scheduler.scale_model_input(x, t)
                 tt = torch.full((x.shape[0],), int(t), device=device, dtype=torch.long)
-                eps = family.forward(model, model_in.to(p.dtype), tt, {}).float()
+                c = {k: v[ids.start:ids.stop].to(device) for k, v in (cond or {}).items()}
+                eps = family.forward(model, model_in.to(p.dtype), tt, c).float()
+                if uncond is not None and guidance_scale != 1.0:
+                    u = {k: v.to(device).expand(x.shape[0], *v.shape[1:]) for k, v in uncond.items()}
+                    eps_u = family.forward(model, model_in.to(p.dtype), tt, u).float()
+                    eps = eps_u + guidance_scale * (eps - eps_u)
                 noise = None
                 if eta > 0:
                     noise = torch.stack([torch.randn(tuple(sample_shape), generator=g) for g in gens]).to(device)
                 x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-            out.append(x.clamp(-1, 1).float().cpu())
+            out.append((x.clamp(-1, 1) if clamp else x).float().cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def text_to_image(family: ModelFamily, model: nn.Module, encoders, scheduler, prompts: list[str], *,
+                  images_per_prompt: int = 1, guidance_scale: float = 7.5, seed: int = 0, num_inference_steps: int = 50,
+                  eta: float = 0.0, batch_size: int = 64, device=None, progress: bool = False,
+                  sample_shape=None) -> Tensor:
+    """Images ``[len(prompts) * images_per_prompt, C, H, W]`` in [-1, 1]: DDIM on latents with
+    classifier-free guidance (the empty prompt as the null condition), decoded by the VAE.
+    Image ``i`` (prompt ``i // images_per_prompt``) starts from the noise of ``seed + i``."""
+    shape = sample_shape or family.sample_shape(dict(model.config))
+    text = [p for p in prompts for _ in range(images_per_prompt)]
+    cond = {"encoder_hidden_states": encoders.embed(text)}
+    uncond = {"encoder_hidden_states": encoders.embed([""])} if guidance_scale != 1.0 else None
+    latents = ddim_sample(family, model, scheduler, len(text), shape, seed=seed, num_inference_steps=num_inference_steps,
+                          eta=eta, batch_size=batch_size, device=device, progress=progress, cond=cond, uncond=uncond,
+                          guidance_scale=guidance_scale, clamp=False)
+    return torch.cat([encoders.decode(latents[i:i + batch_size]).cpu() for i in range(0, len(latents), batch_size)])
 
 
 def to_uint8(images: Tensor) -> Tensor:

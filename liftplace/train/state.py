@@ -44,7 +44,9 @@ if TYPE_CHECKING:
 # order, the noise or the model, so resume refuses.
 RESUME_CRITICAL = ("seed", "train_batch_size", "gradient_accumulation_steps", "dataset_name", "train_data_dir",
                    "resolution", "random_flip", "model_type", "prediction_type", "ddpm_num_steps",
-                   "ddpm_beta_schedule", "use_ema", "kd_loss", "lambda_kd_feat", "kd_feat_layers")
+                   "ddpm_beta_schedule", "use_ema", "kd_loss", "lambda_kd_feat", "kd_feat_layers",
+                   "image_column", "caption_column", "max_train_samples", "cond_drop_prob", "vae_sample_mode",
+                   "pretrained_vae_model_name_or_path", "text_encoder_path", "noise_offset")
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 

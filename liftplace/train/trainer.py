@@ -23,12 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import abandon_later_checkpoints, clean_stale_temporaries
-from .build import build_dataset, build_model_to_train, build_student, build_teacher
-from .config import ConfigError, TrainConfig, validate_models
-from .data import random_hflip
+from .build import build_dataset, build_model_to_train, build_student, build_teacher, resolve_family
+from .config import MODEL_TYPES, ConfigError, TrainConfig, validate_models
+from .data import flip_coins, random_hflip
 from .finish import export_model, resolve_steps, sample_grid
 from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
-                     count_parameters, get_family, model_config_dict, select_feature_points)
+                     count_parameters, model_config_dict, select_feature_points)
 from .objective import DistillationLoss, NoiseObjective, make_noise_scheduler
 from .optim import make_lr_scheduler, make_optimizer
 from .state import load_checkpoint, resolve_resume, save_checkpoint
@@ -134,7 +134,13 @@ class Trainer:
         from diffusers.training_utils import EMAModel
 
         cfg = self.cfg
-        validate_models(cfg, self.role, teacher=self._teacher_in, student=self._student_in)
+        self.family = family = self._family_in or resolve_family(cfg, self.role, self._teacher_in, self._student_in)
+        if cfg.model_type == "auto" and family.name in MODEL_TYPES:
+            # record the family resolved (config.yaml, checkpoints; resume compares it)
+            self.cfg = cfg = cfg.replace(model_type=family.name)
+        self.model_resolution = family.model_resolution(cfg)  # latent models: resolution / the VAE's factor
+        validate_models(cfg, self.role, teacher=self._teacher_in, student=self._student_in,
+                        resolution=self.model_resolution)
         log_with = None
         if cfg.report_to == "tensorboard":
             log_with = "tensorboard" if _tensorboard_available() else None
@@ -144,7 +150,9 @@ class Trainer:
             self.log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
         self.device = acc.device
         set_seed(cfg.seed)
-        self.family = family = self._family_in or get_family(cfg.model_type)
+        # frozen encoders (VAE latents, prompt embeddings) in the compute dtype, as diffusers' scripts
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        self.encoders = family.build_encoders(cfg, self.device, weight_dtype)
         self.end_of_run = (self._end_of_run_in if self._end_of_run_in is not None
                            else resolve_steps(family.end_of_run))
 
@@ -155,13 +163,18 @@ class Trainer:
             self.teacher = build_teacher(cfg, family, self.device, self.log, given=self._teacher_in)
             self.student = build_student(cfg, family, self.device, self.teacher, given=self._student_in)
         s_cfg = model_config_dict(self.student)
-        shape = family.sample_shape(s_cfg, cfg.resolution)
+        shape = family.sample_shape(s_cfg, self.model_resolution)
         if self.teacher is not None:
-            t_shape = family.sample_shape(model_config_dict(self.teacher), cfg.resolution)
+            t_shape = family.sample_shape(model_config_dict(self.teacher), self.model_resolution)
             if t_shape != shape:
                 raise ConfigError(f"teacher and student disagree on the sample shape: teacher {t_shape}, "
                                   f"student {shape} (in_channels/out_channels)")
         self.sample_shape = shape
+        if cfg.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        if cfg.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         self.teacher_params = count_parameters(self.teacher) if self.teacher is not None else None
         self.student_params = count_parameters(self.student)
         if self.teacher is not None:
@@ -174,12 +187,15 @@ class Trainer:
             log_cost_summary(self.log, self.teacher, self.student, family, shape)
 
         self.noise_scheduler = make_noise_scheduler(cfg)
-        self.objective = NoiseObjective(self.noise_scheduler)
+        if self.encoders is not None:  # latents are not bounded: never clip the predicted sample
+            self.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config, clip_sample=False)
+        self.objective = NoiseObjective(self.noise_scheduler, noise_offset=cfg.noise_offset)
 
         # feature KD: hooks on matched blocks, 1x1 adapters to the teacher's widths
         self.adapters, taps = None, None
         if cfg.lambda_kd_feat > 0:
-            t_pts, s_pts = select_feature_points(family, self.teacher, self.student, cfg.kd_feat_layers)
+            t_pts, s_pts = select_feature_points(family, self.teacher, self.student, cfg.kd_feat_layers,
+                                                 cfg.student_arch)
             pairs = {n: (block_channels(s_pts[n]), block_channels(t_pts[n])) for n in t_pts}
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(mix_seed(cfg.seed, 2))
@@ -204,7 +220,18 @@ class Trainer:
         self.loss_fn = DistillationLoss(cfg, family, self.objective, self.student, self.teacher,
                                         feature_taps=taps, adapters=self.adapters, teacher_cache=self.teacher_cache)
 
-        self.dataset = self._dataset_in if self._dataset_in is not None else build_dataset(cfg, shape[0])
+        if self._dataset_in is not None:
+            self.dataset = self._dataset_in
+        elif self.encoders is not None:
+            self.dataset = build_dataset(cfg, self.encoders.pixel_channels, captioned=True)
+        else:
+            self.dataset = build_dataset(cfg, shape[0])
+        if cfg.cache_latents:
+            if self.encoders is None:
+                raise ConfigError("cache_latents caches VAE latents: it needs a latent model (unet2d_condition)")
+            folder = Path(cfg.latent_cache_dir or self.output_dir / "latent_cache")
+            self.encoders.use_cache(self.dataset, folder, flips=cfg.random_flip, log=self.log,
+                                    main_process=acc.is_main_process, wait=acc.wait_for_everyone)
         self.stream = BatchStream(self.dataset, cfg.train_batch_size, cfg.seed, num_replicas=acc.num_processes,
                                   rank=acc.process_index, num_workers=cfg.dataloader_num_workers)
         self.global_step = 0
@@ -281,8 +308,12 @@ class Trainer:
         """Clean samples (flipped when ``random_flip``, coins from ``gen``) and the conditioning
         the family takes from the batch (its ``cond_keys``)."""
         clean = batch["pixel_values"].to(self.device)
-        if self.cfg.random_flip:
-            clean = random_hflip(clean, gen)
+        flips = flip_coins(clean.shape[0], gen) if self.cfg.random_flip else None
+        if flips is not None:
+            clean = random_hflip(clean, gen, flips)
+        if self.encoders is not None:  # pixels (or cached posteriors) -> latents, captions -> prompt embeddings
+            clean, encoded = self.encoders.encode_batch(clean, batch, gen, flips)
+            batch = {**batch, **encoded}
         missing = [k for k in self.family.cond_keys if k not in batch]
         if missing:
             raise ConfigError(f"model family {self.family.name!r} takes {', '.join(map(repr, missing))} from the "
@@ -384,13 +415,14 @@ class Trainer:
     def _after_step(self, reason: str | None) -> None:
         """Mid-run validation grid and checkpoint, on their schedules."""
         cfg, step = self.cfg, self.global_step
-        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
-            self.validate()
+        # the checkpoint first: a validation grid that fails must never cost it
         if step % cfg.checkpointing_steps == 0 or step == cfg.max_train_steps:
             if reason is not None:  # keep the last checkpoint a good one: never save inside a bad streak
                 self.log.warning(f"step {step}: checkpoint not saved (the step was skipped)")
             else:
                 self.save_checkpoint()
+        if cfg.validation_steps and step % cfg.validation_steps == 0 and step < cfg.max_train_steps:
+            self.validate()
 
     def _begin(self) -> None:
         """Output folder, resume, config.yaml, trackers, progress bar."""
