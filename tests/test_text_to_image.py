@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 from liftplace.cli import main as cli_main  # noqa: E402
 from liftplace.train import ConfigError, Trainer, build_config, distill  # noqa: E402
 from liftplace.train import finish  # noqa: E402
-from liftplace.train.bk import bk_student_config, make_bk_student, teacher_name  # noqa: E402
+from liftplace.train.bk import bk_student_config, make_bk_student, student_plan, teacher_name  # noqa: E402
 from liftplace.train.data import CaptionedImageDataset  # noqa: E402
 from liftplace.train.models import count_parameters  # noqa: E402
 from liftplace.train.tiny import write_tiny_pipeline  # noqa: E402
@@ -192,6 +192,91 @@ def test_bk_student_copies_teacher_weights_and_removes_blocks(assets, arch, caps
     counts = re.search(r"teacher ([\d,]+) parameters; student ([\d,]+) parameters", printed).groups()
     assert [int(c.replace(",", "")) for c in counts] == [count_parameters(teacher), count_parameters(student)]
     assert bk_student_config(dict(teacher.config), arch)["layers_per_block"] == 1
+
+
+@pytest.mark.parametrize("arch, spec", [("bk_base", "custom:down=1,1,1,1;mid=1"),
+                                        ("bk_small", "custom:down=1,1,1,1;up=2,2,2,2;mid=0"),
+                                        ("bk_tiny", "custom: down=1,1,1 ; mid=0")])
+def test_custom_spec_equal_to_a_preset_gives_its_student(assets, arch, spec):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(str(assets[0] / "unet"))
+    a, map_a = make_bk_student(teacher, arch, verbose=False)
+    b, map_b = make_bk_student(teacher, spec, verbose=False)
+    assert map_a == map_b and dict(a.config) == dict(b.config)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_custom_spec_copies_the_mapped_teacher_layers(assets, capsys):
+    from diffusers import UNet2DConditionModel
+
+    base = UNet2DConditionModel.load_config(str(assets[0] / "unet"))
+    torch.manual_seed(0)
+    teacher = UNet2DConditionModel.from_config({**base, "layers_per_block": 3})  # random weights, 3 per block
+    spec = "custom:down=2,1,3;mid=1"
+    student, mapping = make_bk_student(teacher, spec)
+    printed = capsys.readouterr().out
+    t_state = teacher.state_dict()
+    plan = student_plan(spec, dict(teacher.config))
+    for name, value in student.state_dict().items():
+        assert torch.equal(value, t_state[plan.teacher_name(name)]), name
+        assert torch.equal(value, t_state[teacher_name(name, spec, 3)]), name
+    assert [len(b.resnets) for b in student.down_blocks] == [2, 1, 3]
+    assert [len(b.resnets) for b in student.up_blocks] == [4, 2, 3]  # mirrored down counts + 1
+    assert student.mid_block is not None and len(student.down_blocks) == 3
+    # up stage i <- teacher up stage i + 1 (one stage dropped); first D resnets, then the teacher's last (3)
+    assert [mapping[f"up_blocks.0.resnets.{j}"] for j in range(4)] == [f"up_blocks.1.resnets.{j}" for j in range(4)]
+    assert [mapping[f"up_blocks.1.resnets.{j}"] for j in range(2)] == ["up_blocks.2.resnets.0", "up_blocks.2.resnets.3"]
+    assert [mapping[f"up_blocks.2.attentions.{j}"] for j in range(3)] == [
+        "up_blocks.3.attentions.0", "up_blocks.3.attentions.1", "up_blocks.3.attentions.3"]
+    assert mapping["down_blocks.0.resnets.1"] == "down_blocks.0.resnets.1" and "down_blocks.1.resnets.1" not in mapping
+    assert not any(k.startswith("up_blocks.3") or k.startswith("down_blocks.3") for k in student.state_dict())
+    for gone in ("down_blocks.0.resnets.2", "down_blocks.1.resnets.1", "down_blocks.1.resnets.2",
+                 "up_blocks.0.resnets.0", "up_blocks.2.resnets.1", "up_blocks.2.resnets.2", "down_blocks.3.resnets.0",
+                 "down_blocks.2.downsamplers.0"):
+        assert f"removed: {gone}" in printed
+    counts = re.search(r"teacher ([\d,]+) parameters; student ([\d,]+) parameters", printed).groups()
+    assert [int(c.replace(",", "")) for c in counts] == [count_parameters(teacher), count_parameters(student)]
+
+
+def test_custom_spec_trains_a_step_with_feature_kd(tmp_path, assets):
+    cfg = make_config(tmp_path, assets, student_arch="custom:down=1,2,1;mid=0", max_train_steps=1,
+                      lambda_kd_feat=1.0, kd_feat_loss="mse", kd_feat_layers="up_blocks.2:up_blocks.1")
+    res = distill(cfg, end_of_run=[])
+    rec = read_metrics(tmp_path)[-1]
+    assert res.global_step == 1 and torch.isfinite(torch.tensor(rec["loss"]))
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("bk_huge", "bk_base, bk_small, bk_tiny or a custom spec"),
+    ("custom:mid=0", "down=... .* is required"),
+    ("custom:down=1,x", "comma list of integers"),
+    ("custom:down=1,0,1,1", "every count must be >= 1"),
+    ("custom:down=1,1,1,1;up=2,2,2", "up=.* must be 2,2,2,2"),
+    ("custom:down=1,2,1,1;up=2,2,2,2", "up=.* must be 2,2,3,2"),
+    ("custom:down=1,1,1,1;mid=2", "mid='2' must be 1"),
+    ("custom:down=1;down=1", "down is given twice"),
+    ("custom:down=1;width=2", "not down=..., up=... or mid="),
+])
+def test_bad_student_arch_specs_name_the_key(tmp_path, assets, spec, match):
+    with pytest.raises(ConfigError, match="student_arch") as err:
+        make_config(tmp_path, assets, student_arch=spec)
+    assert re.search(match, str(err.value)), str(err.value)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("custom:down=1,1,1,1,1", "5 counts; give one per stage kept, between 1 and the teacher's 4"),
+    ("custom:down=1,3,1,1", "down stage 1 keeps 3 layers; the teacher has 2 there, so give a count between 1 and 2"),
+])
+def test_custom_spec_checked_against_the_teacher(tmp_path, assets, spec, match):
+    from diffusers import UNet2DConditionModel
+
+    teacher = UNet2DConditionModel.from_pretrained(str(assets[0] / "unet"))
+    make_config(tmp_path, assets, student_arch=spec)  # the syntax is fine
+    with pytest.raises(ConfigError, match="student_arch") as err:
+        make_bk_student(teacher, spec, verbose=False)
+    assert match in str(err.value)
 
 
 # --- validation and export ------------------------------------------------------------------------

@@ -14,16 +14,30 @@ The rule, as BK-SDM's released configs (``src/unet_config/bk_*/config.json``) an
 
 Generalised here to any ``layers_per_block >= 2``: the kept up-stage resnets are the first and
 the last (the last takes the stage's input skip connection, which fixes its shape).
+
+Custom specs (``custom:down=D1,...,DK;mid=0|1``, see :func:`config.parse_student_arch`) use the
+same mechanism, and the presets are such specs: ``bk_base`` = every ``Ds = 1``, mid kept;
+``bk_small`` = the same with ``mid=0``; ``bk_tiny`` = ``bk_small`` with one count less. The rule:
+
+- the student keeps the teacher's outer ``K`` stages (``K`` = the number of counts), so
+  student ``down_blocks.s`` <- teacher ``down_blocks.s`` and student ``up_blocks.i`` <- teacher
+  ``up_blocks.{i + n - K}`` (``n``: the teacher's stages);
+- down stage ``s`` keeps the teacher's first ``Ds`` resnets (+attentions), same indices;
+- up stage ``i`` has ``D + 1`` resnets (``D`` the count of its mirrored down stage, as diffusers
+  builds it): the first ``D`` are the teacher's first ``D`` and the last is the teacher's last
+  (``resnets.{L}`` for a teacher with ``L`` layers there), as BK-SDM keeps for ``D = 1``;
+- the mid block, ``conv_in``, embeddings, ``conv_out`` and samplers are copied by name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import torch
 from torch import nn
 
-from .config import ConfigError
+from .config import ConfigError, parse_student_arch
 from .models import compression_summary, count_parameters, model_config_dict
 
 # per-stage config lists, ordered like down_block_types (trimmed with the innermost stage)
@@ -33,42 +47,94 @@ _UP = re.compile(r"^up_blocks\.(\d+)(?:\.(resnets|attentions)\.(\d+))?(\..*)?$")
 _UNIT = re.compile(r"^((?:down|up)_blocks\.\d+\.(?:resnets|attentions|upsamplers|downsamplers)\.\d+)\.|^([^.]+)\.")
 
 
-def bk_student_config(teacher_config: dict, arch: str) -> dict:
-    """The student's ``UNet2DConditionModel`` config for ``arch`` (bk_base, bk_small, bk_tiny)."""
-    if arch not in ("bk_base", "bk_small", "bk_tiny"):
-        raise ConfigError(f"student_arch must be bk_base, bk_small or bk_tiny; got {arch!r}")
-    cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+@dataclasses.dataclass(frozen=True)
+class StudentPlan:
+    """Which teacher layers a student keeps: ``down`` (layers per kept down stage, outer first),
+    ``mid`` (mid block kept), ``teacher_layers`` (the teacher's layers per stage)."""
+    arch: str
+    down: tuple
+    mid: bool
+    teacher_layers: tuple
+
+    @property
+    def offset(self) -> int:
+        return len(self.teacher_layers) - len(self.down)
+
+    def teacher_name(self, student_name: str) -> str:
+        m = _UP.match(student_name)
+        if m is None:
+            return student_name
+        i, kind, j, rest = m.groups()
+        i = int(i)
+        t = f"up_blocks.{i + self.offset}"
+        if kind is not None:
+            kept = self.down[len(self.down) - 1 - i]  # the student's up stage i has kept + 1 resnets
+            last = self.teacher_layers[len(self.down) - 1 - i]  # the teacher's has last + 1
+            t += f".{kind}.{last if int(j) == kept else int(j)}"
+        return t + (rest or "")
+
+
+def _teacher_layers(cfg: dict, arch: str) -> list[int]:
+    n = len(cfg["down_block_types"])
     layers = cfg.get("layers_per_block", 2)
-    if not isinstance(layers, int) or layers < 2:
-        raise ConfigError(f"student_arch={arch}: block removal needs a teacher with layers_per_block >= 2 (an int), "
-                          f"got {layers!r}")
-    cfg["layers_per_block"] = 1
-    if arch in ("bk_small", "bk_tiny"):
-        cfg["mid_block_type"] = None
-    if arch == "bk_tiny":
-        n = len(cfg["down_block_types"])
-        if n < 2:
+    layers = [layers] * n if isinstance(layers, int) else list(layers)
+    if len(layers) != n or not all(isinstance(x, int) for x in layers):
+        raise ConfigError(f"student_arch={arch}: the teacher's layers_per_block {cfg.get('layers_per_block')!r} "
+                          f"is not an int or one int per stage")
+    return layers
+
+
+def student_plan(arch: str, teacher_config: dict) -> StudentPlan:
+    """Resolve ``arch`` (a preset or a custom spec) against the teacher's config; raises
+    :class:`ConfigError` naming ``student_arch`` and the fix."""
+    spec = parse_student_arch(arch)
+    t_layers = _teacher_layers(teacher_config, arch)
+    n = len(t_layers)
+    if spec is None:
+        if min(t_layers) < 2:
+            raise ConfigError(f"student_arch={arch}: block removal needs a teacher with layers_per_block >= 2 (an "
+                              f"int), got {teacher_config.get('layers_per_block')!r}")
+        if arch == "bk_tiny" and n < 2:
             raise ConfigError(f"student_arch=bk_tiny removes the innermost stage; the teacher has only {n}")
-        cfg["block_out_channels"] = list(cfg["block_out_channels"])[:-1]
-        cfg["down_block_types"] = list(cfg["down_block_types"])[:-1]
-        cfg["up_block_types"] = list(cfg["up_block_types"])[1:]
+        spec = {"down": [1] * (n - (arch == "bk_tiny")), "mid": arch == "bk_base"}
+    down = spec["down"]
+    if not 1 <= len(down) <= n:
+        raise ConfigError(f"student_arch={arch}: down= gives {len(down)} counts; give one per stage kept, between "
+                          f"1 and the teacher's {n} stages (fewer counts drop the innermost stages)")
+    for s, (d, t) in enumerate(zip(down, t_layers)):
+        if not 1 <= d <= t:
+            raise ConfigError(f"student_arch={arch}: down stage {s} keeps {d} layers; the teacher has {t} there, so "
+                              f"give a count between 1 and {t}")
+    return StudentPlan(arch, tuple(down), bool(spec["mid"]), tuple(t_layers))
+
+
+def bk_student_config(teacher_config: dict, arch) -> dict:
+    """The student's ``UNet2DConditionModel`` config for ``arch`` (bk_base, bk_small, bk_tiny, a
+    custom spec, or a :class:`StudentPlan`)."""
+    plan = arch if isinstance(arch, StudentPlan) else student_plan(arch, teacher_config)
+    cfg = {k: v for k, v in teacher_config.items() if not k.startswith("_")}
+    n, k = len(plan.teacher_layers), len(plan.down)
+    if not plan.mid:
+        cfg["mid_block_type"] = None
+    if k < n:
+        cfg["block_out_channels"] = list(cfg["block_out_channels"])[:k]
+        cfg["down_block_types"] = list(cfg["down_block_types"])[:k]
+        cfg["up_block_types"] = list(cfg["up_block_types"])[n - k:]
         for key in _STAGE_KEYS:
             if isinstance(cfg.get(key), (list, tuple)) and len(cfg[key]) == n:
-                cfg[key] = list(cfg[key])[:-1]
+                cfg[key] = list(cfg[key])[:k]
+    cfg["layers_per_block"] = plan.down[0] if len(set(plan.down)) == 1 else list(plan.down)
     return cfg
 
 
-def teacher_name(student_name: str, arch: str, teacher_layers: int) -> str:
-    """The teacher parameter/module name a student name is copied from."""
-    m = _UP.match(student_name)
-    if m is None:
-        return student_name
-    i, kind, j, rest = m.groups()
-    t = f"up_blocks.{int(i) + (1 if arch == 'bk_tiny' else 0)}"
-    if kind is not None:
-        # the student's up stage has 2 resnets: the first, and the last (input skip) of the teacher's
-        t += f".{kind}.{teacher_layers if int(j) == 1 else int(j)}"
-    return t + (rest or "")
+def teacher_name(student_name: str, arch, teacher_layers) -> str:
+    """The teacher parameter/module name a student name is copied from (``arch``: a
+    :class:`StudentPlan`, or a preset/spec with ``teacher_layers`` an int for a 4-stage teacher or
+    one int per teacher stage)."""
+    if not isinstance(arch, StudentPlan):
+        layers = [teacher_layers] * 4 if isinstance(teacher_layers, int) else list(teacher_layers)
+        arch = student_plan(arch, {"down_block_types": [None] * len(layers), "layers_per_block": layers})
+    return arch.teacher_name(student_name)
 
 
 def _unit(name: str) -> str:
@@ -76,13 +142,13 @@ def _unit(name: str) -> str:
     return (m.group(1) or m.group(2)) if m else name
 
 
-def bk_module_map(student: nn.Module, arch: str, teacher_layers: int) -> dict[str, str]:
+def bk_module_map(student: nn.Module, plan: StudentPlan) -> dict[str, str]:
     """``{student module: teacher module}`` at the level of resnets, attentions, samplers and
     top-level modules (``conv_in``, ``time_embedding``, ``mid_block``, ...)."""
     out = {}
     for name in student.state_dict():
         unit = _unit(name)
-        out.setdefault(unit, _unit(teacher_name(name, arch, teacher_layers)))
+        out.setdefault(unit, _unit(plan.teacher_name(name)))
     return out
 
 
@@ -94,14 +160,14 @@ def make_bk_student(teacher: nn.Module, arch: str, *, verbose: bool = True):
         raise ConfigError(f"student_arch={arch} removes blocks from a UNet2DConditionModel teacher; the teacher is "
                           f"a {type(teacher).__name__}")
     t_cfg = model_config_dict(teacher)
-    s_cfg = bk_student_config(t_cfg, arch)
-    layers = int(t_cfg["layers_per_block"])
+    plan = student_plan(arch, t_cfg)
+    s_cfg = bk_student_config(t_cfg, plan)
     with torch.device("meta"):
         student = UNet2DConditionModel.from_config(s_cfg)
     t_state = teacher.state_dict()
     state = {}
     for name, p in student.state_dict().items():
-        src = teacher_name(name, arch, layers)
+        src = plan.teacher_name(name)
         if src not in t_state:
             raise ConfigError(f"student_arch={arch}: student weight {name!r} has no teacher weight {src!r}")
         if t_state[src].shape != p.shape:
@@ -110,7 +176,7 @@ def make_bk_student(teacher: nn.Module, arch: str, *, verbose: bool = True):
         state[name] = t_state[src].detach().to("cpu", torch.float32).clone()
     student = UNet2DConditionModel.from_config(s_cfg)
     student.load_state_dict(state, strict=True)
-    mapping = bk_module_map(student, arch, layers)
+    mapping = bk_module_map(student, plan)
     if verbose:
         print(describe_mapping(mapping, teacher, arch))
         print(compression_summary(count_parameters(teacher), count_parameters(student)))
@@ -139,7 +205,8 @@ def bk_feature_pairs(arch: str, teacher: nn.Module, student: nn.Module) -> list[
         names = [f"up_blocks.{i}" for i in range(n)] + [f"down_blocks.{i}" for i in range(n)]
         return [(x, x) for x in names]
     if arch != "bk_tiny":
-        raise ConfigError(f"kd_feat_layers=bk_sdm: no BK-SDM feature pairs for student_arch={arch!r}")
+        raise ConfigError(f"kd_feat_layers=bk_sdm: no BK-SDM feature pairs for student_arch={arch!r}; list the "
+                          f"kd_feat_layers pairs ('teacher_name:student_name,...')")
     pairs = [(f"down_blocks.{i}",) * 2 for i in range(n - 2)]
     last = n - 2
     t_attn = getattr(teacher.down_blocks[last], "attentions", None)

@@ -27,7 +27,7 @@ PRESETS = {
                    kd_feat_layers="bk_sdm", learning_rate=5e-5, lr_scheduler="constant", adam_weight_decay=1e-2,
                    use_ema=False),
 }
-STUDENT_ARCHS = ("bk_base", "bk_small", "bk_tiny")
+STUDENT_ARCHS = ("bk_base", "bk_small", "bk_tiny")  # presets; or a custom spec, see parse_student_arch
 
 
 class ConfigError(ValueError):
@@ -83,7 +83,11 @@ class TrainConfig:
         None, "unet2d_condition: a BK-SDM student made from the teacher by block removal, every remaining "
         "weight copied from the teacher (BK-SDM's use_copy_weight_from_teacher); the student<-teacher module "
         "mapping is printed. bk_base: one resnet(+attention) less per down and up stage; bk_small: also no "
-        "mid block; bk_tiny: also no innermost stage.", "model", choices=STUDENT_ARCHS)
+        "mid block; bk_tiny: also no innermost stage. Or a custom spec 'custom:down=D1,...,DK;mid=0|1' "
+        "(optional ';up=U1,...,UK'): Ds = resnet(+attention) layers kept in down stage s (outer first, "
+        "1..the teacher's), K stages kept (1..the teacher's; the innermost ones go), mid block kept or not "
+        "(default 1); up stage i keeps D(K+1-i)+1 layers, the first D and the teacher's last. "
+        "bk_small = custom:down=1,1,1,1;mid=0 for a 4-stage teacher.", "model")
     pretrained_vae_model_name_or_path: str | None = _f(
         None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder).",
         "model")
@@ -282,6 +286,8 @@ class TrainConfig:
             raise ConfigError(f"max_train_samples must be >= 1 (or null), got {self.max_train_samples}")
         if self.cache_latents and not self.center_crop:
             raise ConfigError("cache_latents needs center_crop: a random crop would be frozen into the cache")
+        if self.student_arch is not None:
+            parse_student_arch(self.student_arch)
         if self.student_arch is not None and (self.student_config is not None
                                               or self.student_model_name_or_path is not None):
             raise ConfigError("set only one of student_arch, student_config and student_model_name_or_path "
@@ -430,6 +436,59 @@ def _coerce(key: str, value, source: str):
 def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+CUSTOM_ARCH_EXAMPLE = "custom:down=1,1,1,1;mid=0"
+
+
+def parse_student_arch(value: str) -> dict | None:
+    """``None`` for a preset (bk_base, bk_small, bk_tiny); for ``custom:down=D1,...,DK;mid=0|1``
+    (optional ``;up=U1,...,UK``, which must equal ``D(K+1-i)+1``) ``{"down": [...], "mid": bool}``.
+    Checks the syntax only; :func:`liftplace.train.bk.student_plan` checks it against the teacher."""
+    if value in STUDENT_ARCHS:
+        return None
+    if not isinstance(value, str) or not value.startswith("custom:"):
+        raise ConfigError(f"student_arch must be bk_base, bk_small, bk_tiny or a custom spec such as "
+                          f"{CUSTOM_ARCH_EXAMPLE!r}; got {value!r}" + _suggest(str(value), STUDENT_ARCHS))
+    parts, body = {}, value[len("custom:"):]
+    for item in (p.strip() for p in body.split(";")):
+        if not item:
+            continue
+        key, eq, val = (x.strip() for x in item.partition("="))
+        if not eq or key not in ("down", "up", "mid"):
+            raise ConfigError(f"student_arch={value!r}: {item!r} is not down=..., up=... or mid=...; "
+                              f"write e.g. {CUSTOM_ARCH_EXAMPLE!r}")
+        if key in parts:
+            raise ConfigError(f"student_arch={value!r}: {key} is given twice; give it once")
+        parts[key] = val
+    if "down" not in parts:
+        raise ConfigError(f"student_arch={value!r}: down=... (the layers kept per down stage, outer first, one "
+                          f"count per stage kept) is required; e.g. {CUSTOM_ARCH_EXAMPLE!r}")
+
+    def counts(key):
+        try:
+            out = [int(x) for x in parts[key].split(",")]
+        except ValueError:
+            raise ConfigError(f"student_arch={value!r}: {key}={parts[key]!r} must be a comma list of integers, "
+                              f"one per stage, e.g. {key}=1,1,1,1") from None
+        if any(c < 1 for c in out):
+            raise ConfigError(f"student_arch={value!r}: {key}={parts[key]!r}: every count must be >= 1 (a stage "
+                              f"keeps at least one resnet; drop the innermost stages by giving fewer counts)")
+        return out
+
+    down = counts("down")
+    if "up" in parts:
+        up = counts("up")
+        want = [d + 1 for d in reversed(down)]
+        if up != want:
+            raise ConfigError(f"student_arch={value!r}: up={parts['up']!r} must be {','.join(map(str, want))}: "
+                              f"diffusers' UNet2DConditionModel gives up stage i (innermost first) one layer more "
+                              f"than the mirrored down stage, which it takes the skip connections of; fix up= or "
+                              f"leave it out")
+    mid = parts.get("mid", "1")
+    if mid not in ("0", "1"):
+        raise ConfigError(f"student_arch={value!r}: mid={mid!r} must be 1 (keep the mid block) or 0 (remove it)")
+    return {"down": down, "mid": mid == "1"}
 
 
 def _coerce_mapping(mapping: dict, source: str) -> dict:

@@ -202,7 +202,8 @@ class UNet2DConditionFamily(UNet2DFamily):
                               norm_num_groups=None):
         if attention is False:
             raise ConfigError("student_attention=false is not supported for unet2d_condition (the cross-attention "
-                              "carries the prompt); use student_arch bk_base|bk_small|bk_tiny or student_config")
+                              "carries the prompt); use student_arch (bk_base|bk_small|bk_tiny or custom:...) or "
+                              "student_config")
         return super().derive_student_config(teacher_config, width_mult=width_mult,
                                              layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
 
