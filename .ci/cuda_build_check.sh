@@ -62,7 +62,7 @@ mkdir -p dist
 rm -f dist/liftplace-*cu[0-9]*.whl
 # torch, c10 and the CUDA runtime come from the torch and nvidia-* wheels: never vendored.
 PATH="$VENV_CUDA/bin:$PATH" "$VENV_CUDA/bin/auditwheel" repair -w dist \
-  --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libcu*.so*' --exclude 'libnv*.so*' \
+  --exclude 'libtorch*.so' --exclude 'libc10*.so' --exclude 'libgomp.so*' --exclude 'libcu*.so*' --exclude 'libnv*.so*' \
   build/cuda-wheelhouse/liftplace-*.whl 2>&1 | grep -v "^INFO" || true
 wheel=$(ls dist/liftplace-*cu[0-9]*.whl)
 stamp "wheel: $wheel"
