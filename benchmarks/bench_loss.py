@@ -1,10 +1,15 @@
-"""Forward + backward time and peak extra memory of lift_place_loss, three ways.
+"""Forward + backward time and peak extra memory of lift_place_loss, side by side.
 
-    ext       liftplace.lift_place_loss on the compiled extension
-    torch     the same call on liftplace's pure-torch path (set_backend("torch"))
-    baseline  an unfused eager version written plainly below (argsort, gather into
-              [R, G, P], separate mean/var/cov reductions, autograd)
-    compile   (--compile) torch.compile of the pure-torch path
+    ext          liftplace.lift_place_loss on the compiled extension
+    torch        the same call on liftplace's pure-torch path (set_backend("torch"))
+    baseline     the released code's loss, eager: an unfused version written plainly below
+                 (argsort, gather into [R, G, P], separate mean/var/cov reductions, autograd)
+    base+compile (--compile) torch.compile of that baseline: what a user would pick instead
+    compile      (--compile) torch.compile of liftplace's pure-torch path
+
+``--threads 1,2`` times every method at each thread count, interleaved in rounds
+(``--rounds``; each cell keeps its best round), so thread scaling and the ratios come from
+one run on a shared machine.
 
 Correctness is checked first (ext loss and gradient against the baseline). Times are
 the median (or --stat min) of --repeats steps after warm-up, in wall time or, with
@@ -13,6 +18,7 @@ measure_memory(). benchmarks/README.md has the details, RESULTS.md the measured 
 
     python benchmarks/bench_loss.py                      # CPU, default shapes
     python benchmarks/bench_loss.py --threads 1 --clock cpu --repeats 15 --kernels
+    python benchmarks/bench_loss.py --threads 1,2 --compile --rounds 3 --no-memory
     python benchmarks/bench_loss.py --device cuda --compile
 """
 
@@ -89,8 +95,8 @@ def loss_fn(method, grouping, P, compiled=None):
         if grouping == "error":
             return lambda s, t: baseline_error(s, t, P)
         return lambda s, t: baseline_global(s, t)
-    if method == "compile":
-        return compiled
+    if method in ("compile", "base+compile"):
+        return compiled[method]
     return lambda s, t: liftplace.lift_place_loss(s, t, group_size=P, grouping=grouping)
 
 
@@ -98,7 +104,7 @@ class backend:
     """Runs the liftplace methods on the backend they name, then restores "auto"."""
 
     def __init__(self, method):
-        self.name = "torch" if method in ("torch", "compile") else "auto"
+        self.name = "torch" if method in ("torch", "compile") else "auto"  # base+compile: no liftplace
 
     def __enter__(self):
         liftplace.set_backend(self.name)
@@ -197,7 +203,7 @@ def measure_memory(configs, methods, args):
             break
         env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
         cmd = [sys.executable, __file__, "--_memory-worker", method, "--device", args.device,
-               "--threads", str(args.threads or torch.get_num_threads())]
+               "--threads", str(args.threads[0])]
         cmd += ["--_configs", json.dumps([[c["shape"], c["grouping"], c["group_size"]] for c in configs])]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode != 0:
@@ -212,11 +218,18 @@ def memory_worker(method, configs_json, device):
     result = {}
     for shape, grouping, P in json.loads(configs_json):
         shape = tuple(shape)
-        compiled = None
-        if method == "compile":
-            compiled = torch.compile(loss_fn("torch", grouping, P))
+        compiled = compile_methods(grouping, P) if method in COMPILED else None
         result[config_key(shape, grouping, P)] = peak_extra_mb(method, shape, grouping, P, device, compiled)
     print(json.dumps(result))
+
+
+COMPILED = ("base+compile", "compile")
+
+
+def compile_methods(grouping, P):
+    """torch.compile of the baseline and of liftplace's pure-torch path (default inductor)."""
+    return {"base+compile": torch.compile(loss_fn("baseline", grouping, P)),
+            "compile": torch.compile(loss_fn("torch", grouping, P))}
 
 
 def config_key(shape, grouping, P):
@@ -280,12 +293,16 @@ def main():
     p.add_argument("--group-size", default=None, help="comma-separated P values for 'error' (default 16; 16,64 on cuda)")
     p.add_argument("--groupings", default="error,global")
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    p.add_argument("--threads", default=None,
+                   help="comma-separated torch.set_num_threads values, e.g. 1,2 (CPU; default: torch's)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="interleaved rounds over threads x methods; each cell keeps its best round")
     p.add_argument("--clock", choices=list(CLOCKS), default="wall",
                    help="wall time, or process CPU time (cpu; CPU device only, see CLOCKS)")
     p.add_argument("--stat", choices=["median", "min"], default="median",
                    help="which time the table shows (the JSON keeps both); min resists a busy machine")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the pure-torch path")
+    p.add_argument("--compile", action="store_true",
+                   help="also time torch.compile of the baseline and of the pure-torch path")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--kernels", action="store_true",
                    help="also time the raw ops and compare with the copy-bandwidth floor")
@@ -294,8 +311,8 @@ def main():
     p.add_argument("--_configs", dest="configs", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.threads = [int(v) for v in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    torch.set_num_threads(args.threads[0])
     global clock
     if args.clock == "cpu" and args.device == "cuda":
         sys.exit("--clock cpu measures host CPU time; use the wall clock on cuda")
@@ -316,7 +333,7 @@ def main():
         for grouping in args.groupings.split(","):
             for P in (sizes if grouping != "global" else [shape[2] * shape[3]]):
                 configs.append({"shape": list(shape), "grouping": grouping, "group_size": P})
-    methods = ["ext", "torch", "baseline"] + (["compile"] if args.compile else [])
+    methods = ["ext", "torch", "baseline"] + (list(COMPILED) if args.compile else [])
 
     load_before = os.getloadavg()
     for c in configs:
@@ -326,13 +343,19 @@ def main():
     for c in configs:
         shape, grouping, P = tuple(c["shape"]), c["grouping"], c["group_size"]
         s, t = make_inputs(shape, args.device)
-        compiled = torch.compile(loss_fn("torch", grouping, P)) if args.compile else None
-        c["ms"], c["ms_min"] = {}, {}
-        for m in methods:
-            c["ms"][m], c["ms_min"][m] = time_method(m, loss_fn(m, grouping, P, compiled), s, t, args.device,
-                                                     args.repeats)
-        print(f"  timed {config_key(shape, grouping, P)}: " + ", ".join(f"{m} {c['ms'][m]:.2f}" for m in methods),
-              flush=True)
+        compiled = compile_methods(grouping, P) if args.compile else None
+        c["ms"], c["ms_min"] = {}, {}  # {threads: {method: ms}}
+        for _ in range(args.rounds):
+            for threads in args.threads:
+                torch.set_num_threads(threads)
+                med, low = c["ms"].setdefault(threads, {}), c["ms_min"].setdefault(threads, {})
+                for m in methods:
+                    a, b = time_method(m, loss_fn(m, grouping, P, compiled), s, t, args.device, args.repeats)
+                    med[m], low[m] = min(a, med.get(m, a)), min(b, low.get(m, b))
+        for threads in args.threads:
+            print(f"  timed {config_key(shape, grouping, P)} at {threads} thread(s): "
+                  + ", ".join(f"{m} {c['ms'][threads][m]:.2f}" for m in methods), flush=True)
+    torch.set_num_threads(args.threads[0])
     load_after = os.getloadavg()
 
     if not args.no_memory:
@@ -341,16 +364,19 @@ def main():
             key = config_key(tuple(c["shape"]), c["grouping"], c["group_size"])
             c["peak_extra_mb"] = {m: mem.get((m, key)) for m in methods}
 
-    print(f"\n{args.stat} {args.clock} time of {args.repeats} fwd+bwd steps, {torch.get_num_threads()} thread(s),"
-          f" load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
+    print(f"\n{args.stat} {args.clock} time of {args.repeats} fwd+bwd steps (best of {args.rounds} round(s)),"
+          f" threads {args.threads}, load average {load_before[0]:.1f} -> {load_after[0]:.1f}")
     print_table(configs, methods, args)
+    if len(args.threads) > 1:
+        print_scaling(configs, methods, args)
     copy_gbs = kernel_breakdown(configs, args.device, args.repeats) if args.kernels else None
     report = {
         "copy_gb_per_s": copy_gbs,
         "device": args.device,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(),
+        "threads": args.threads,
+        "rounds": args.rounds,
         "torch": torch.__version__,
         "liftplace": info,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -366,32 +392,52 @@ def main():
     print(f"wrote {args.json}")
 
 
-def print_table(configs, methods, args):
-    head = ["shape", "grouping", "P"] + [f"{m} ms" for m in methods] + ["base/ext", "torch/ext"]
-    if args.compile:
-        head.append("compile/ext")
-    if not args.no_memory:
-        head += ["ext MB", "base MB", "ext/base mem"]
-    rows = []
-    for c in configs:
-        ms = c["ms"] if args.stat == "median" else c["ms_min"]
-        row = ["x".join(map(str, c["shape"])), c["grouping"], str(c["group_size"])]
-        row += [f"{ms[m]:.2f}" for m in methods]
-        row += [f"{ms['baseline'] / ms['ext']:.1f}x", f"{ms['torch'] / ms['ext']:.1f}x"]
-        if args.compile:
-            row.append(f"{ms['compile'] / ms['ext']:.1f}x")
-        if not args.no_memory:
-            mem = c.get("peak_extra_mb", {})
-            e, b = mem.get("ext"), mem.get("baseline")
-            row += [f"{e:.1f}" if e is not None else "-", f"{b:.1f}" if b is not None else "-",
-                    f"{e / b:.2f}" if e is not None and b else "-"]
-        rows.append(row)
+LABELS = {"baseline": "released eager", "base+compile": "released compiled", "compile": "twin compiled"}
+
+
+def print_rows(head, rows):
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
     line = lambda r: " | ".join(v.rjust(w) for v, w in zip(r, widths))  # noqa: E731
     print(line(head))
     print("-+-".join("-" * w for w in widths))
     for r in rows:
         print(line(r))
+
+
+def print_table(configs, methods, args):
+    others = [m for m in methods if m != "ext"]
+    head = ["shape", "grouping", "P", "threads"] + [f"{LABELS.get(m, m)} ms" for m in methods]
+    head += [f"{LABELS.get(m, m)}/ext" for m in others]
+    if not args.no_memory:
+        head += ["ext MB", "base MB", "ext/base mem"]
+    rows = []
+    for c in configs:
+        for threads in args.threads:
+            ms = (c["ms"] if args.stat == "median" else c["ms_min"])[threads]
+            row = ["x".join(map(str, c["shape"])), c["grouping"], str(c["group_size"]), str(threads)]
+            row += [f"{ms[m]:.2f}" for m in methods]
+            row += [f"{ms[m] / ms['ext']:.1f}x" for m in others]
+            if not args.no_memory:
+                mem = c.get("peak_extra_mb", {})
+                e, b = mem.get("ext"), mem.get("baseline")
+                row += [f"{e:.1f}" if e is not None else "-", f"{b:.1f}" if b is not None else "-",
+                        f"{e / b:.2f}" if e is not None and b else "-"]
+            rows.append(row)
+    print_rows(head, rows)
+
+
+def print_scaling(configs, methods, args):
+    """Speed-up from the first thread count to each other one, per method."""
+    lo = args.threads[0]
+    print(f"\nthread scaling: time at {lo} thread(s) / time at n threads")
+    head = ["shape", "grouping", "n"] + [LABELS.get(m, m) for m in methods]
+    rows = []
+    for c in configs:
+        ms = c["ms"] if args.stat == "median" else c["ms_min"]
+        for n in args.threads[1:]:
+            rows.append(["x".join(map(str, c["shape"])), c["grouping"], str(n)]
+                        + [f"{ms[lo][m] / ms[n][m]:.2f}x" for m in methods])
+    print_rows(head, rows)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ def key(c: dict) -> str:
     return f"{'x'.join(map(str, c['shape']))}/{c['grouping']}/P{c['group_size']}"
 
 
+def per_threads(ms_min: dict, threads) -> list[tuple[str, dict]]:
+    """``[(" @Nt", {method: ms})]``: bench_loss.py nests times by thread count since
+    ``--threads`` takes a list; older builds' benchmark wrote one flat dict."""
+    if ms_min and all(isinstance(v, dict) for v in ms_min.values()):
+        return [(f" @{n}t", times) for n, times in ms_min.items()]
+    return [(f" @{threads}t" if threads else "", ms_min)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--before", required=True, help="PYTHONPATH folder holding the 'before' liftplace")
@@ -52,9 +60,10 @@ def main() -> None:
             for name, path in (("before", args.before), ("after", args.after)):
                 report = run_bench(path, bench_args, Path(tmp) / f"{name}.json")
                 for c in report["configs"]:
-                    slot = best[name].setdefault(key(c), {})
-                    for method, ms in c["ms_min"].items():
-                        slot[method] = min(slot.get(method, float("inf")), ms)
+                    for suffix, times in per_threads(c["ms_min"], report.get("threads")):
+                        slot = best[name].setdefault(key(c) + suffix, {})
+                        for method, ms in times.items():
+                            slot[method] = min(slot.get(method, float("inf")), ms)
                 print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
 
     head = ["config", "ext before ms", "ext after ms", "after/before", "base/ext before", "base/ext after",

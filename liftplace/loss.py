@@ -3,7 +3,8 @@
 ``lift_place_loss`` validates its options once into a frozen :class:`LiftPlaceOptions`,
 checks the tensors, runs the fused forward through the op layer (``_ops``) and reduces the
 per-row statistics in two steps: the fine-term weight (:func:`_fine_weight`) and the
-assembly of the coarse and fine terms (:func:`_assemble`).
+combination of the coarse and fine terms (:func:`_combine`); without timestep buckets both run
+inside one autograd node (:class:`_LinearInRows`).
 """
 
 from __future__ import annotations
@@ -294,9 +295,44 @@ def _loss(student, teacher, opts: LiftPlaceOptions, step, total_steps, timesteps
     if timesteps is not None:
         state = bucket_state if opts.bucket_ema is not None else None
         buckets = _bucket_weights(rows, lay, timesteps, opts, state)
+    if buckets is None:
+        loss, totals, w, cw = _LinearInRows.apply(rows, lay, opts, step, total_steps)
+        return loss if not opts.return_stats else (loss, _stats(totals, lay, opts, w, cw, None))
     totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
     w, per_sample_w = _fine_weight(totals, lay, opts, step, total_steps, buckets)
     return _assemble(totals, lay, opts, w, per_sample_w, buckets)
+
+
+class _LinearInRows(torch.autograd.Function):
+    """``(loss, totals, w, cw)`` from the per-row statistics, as one autograd node.
+
+    Without timestep buckets the loss is ``c · Σ_r rows[r]`` with coefficients that carry no
+    gradient (``w`` is a detached statistic, METHOD.md §5; the schedules are constants), so its
+    gradient is ``grad · c`` for every row. One node with that rule replaces the ~20 small
+    nodes autograd records for the same expression (benchmarks/RESULTS.md §7); the value is
+    computed by the same code as the bucketed path. Double backward is exact: the rule is linear
+    in ``grad`` and the loss is linear in the rows.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, lay, opts, step, total_steps):
+        totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
+        w, _ = _fine_weight(totals, lay, opts, step, total_steps, None)
+        loss, cw, scale = _combine(totals, lay, opts, w, None, None)
+        coef = rows.new_zeros(ROW_STATS)
+        if opts.parts != "fine":
+            coef[COARSE] = scale if opts.parts == "coarse" else cw * scale
+        if opts.parts != "coarse":
+            coef[FINE] = scale if opts.parts == "fine" else w * scale
+        ctx.save_for_backward(coef)
+        ctx.rows = rows.shape[0]
+        ctx.mark_non_differentiable(totals, w, cw)
+        return loss, totals, w, cw
+
+    @staticmethod
+    def backward(ctx, grad, _grad_totals, _grad_w, _grad_cw):
+        (coef,) = ctx.saved_tensors
+        return (grad * coef).expand(ctx.rows, ROW_STATS), None, None, None, None
 
 
 def _all_reduce(t: Tensor) -> Tensor:
@@ -331,6 +367,13 @@ def _fine_weight(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, step, tot
 
 def _assemble(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, per_sample_w, buckets):
     """``coarse_weight·coarse + w·fine`` (or one part) and, with ``return_stats``, the statistics."""
+    loss, cw, _ = _combine(totals, lay, opts, w, per_sample_w, buckets)
+    return loss if not opts.return_stats else (loss, _stats(totals, lay, opts, w, cw, buckets))
+
+
+def _combine(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, per_sample_w, buckets):
+    """``(loss, coarse weight, scale)``: ``coarse_weight·coarse + w·fine`` or one part, times the
+    reduction's scale."""
     scale = 1.0 / lay.B if opts.reduction == "sum" else 1.0 / (lay.R * lay.N)
     coarse = totals[COARSE] * scale
     fine = totals[FINE] * scale
@@ -347,8 +390,14 @@ def _assemble(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, p
         loss = ((cw_b * per_sample[:, COARSE]).sum() + (per_sample_w * per_sample[:, FINE]).sum()) * scale
     else:
         loss = cw * coarse + w * fine
-    if not opts.return_stats:
-        return loss
+    return loss, cw, scale
+
+
+def _stats(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, cw: Tensor, buckets) -> dict:
+    """The detached statistics ``return_stats=True`` adds."""
+    scale = 1.0 / lay.B if opts.reduction == "sum" else 1.0 / (lay.R * lay.N)
+    coarse = totals[COARSE] * scale
+    fine = totals[FINE] * scale
     groups = float(lay.R * lay.G)
     stats = {
         "coarse": coarse.detach(),
@@ -374,7 +423,7 @@ def _assemble(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, p
             "bucket_weight": buckets["weight"],
             "bucket_count": counts,
         })
-    return loss, stats
+    return stats
 
 
 def _bucket_weights(rows: Tensor, lay: _Layout, timesteps: Tensor, opts: LiftPlaceOptions, state) -> dict:
