@@ -47,29 +47,36 @@ def add_parsers(sub, formatter) -> None:
 def add_eval_parsers(sub, formatter) -> None:
     p = sub.add_parser(
         "eval", allow_abbrev=False, formatter_class=formatter,
-        help="Frechet distance (FID) and KID of a model's samples or an image folder",
+        help="Frechet distance (FID), KID and CLIP score of a model's samples or an image folder",
         description=textwrap.dedent("""\
             Score generated images against a reference: the Frechet distance between Gaussians fitted to
             features (FID with --features inception) and KID (unbiased, polynomial kernel; needs reference
             images, not only statistics). Generated images: --images DIR, or --model PATH sampled with DDIM
             into --samples_dir (image i from seed + i; images already there are kept, so a run resumes).
             Reference: an image folder, `digits` (the built-in train split) or a pytorch-fid .npz with
-            mu/sigma. Writes output_dir/scores.json with the scores and their protocol (extractor and
-            weights SHA-256, versions, N, resize, sampler, steps, reference-stat hash, seed policy).
-            Nothing is downloaded."""),
+            mu/sigma. With --clip_model and --prompts, also the CLIP score (100 * max(cos, 0), mean over
+            image-prompt pairs) of an --images folder. Writes output_dir/scores.json with the scores and
+            their protocol (extractor and weights SHA-256, versions, N, resize, sampler, steps,
+            reference-stat hash, seed policy). Nothing is downloaded."""),
         epilog=textwrap.dedent("""\
             examples:
               liftplace train-classifier --output runs/digits_classifier.safetensors
               liftplace eval --model runs/demo/place/student --reference digits \\
                   --features classifier:runs/digits_classifier.safetensors --num_images 1000 --output_dir runs/eval
               liftplace eval --images samples/ --reference ref_stats.npz --features inception \\
-                  --inception_weights weights-inception-2015-12-05-6726825d.pth --output_dir runs/eval"""))
+                  --inception_weights weights-inception-2015-12-05-6726825d.pth --output_dir runs/eval
+              liftplace eval --images samples/ --prompts samples/prompts.txt --clip_model clip-vit-large-patch14/ \
+                  --output_dir runs/eval_clip"""))
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", metavar="PATH", help="Model folder, training output_dir, checkpoint or builtin:NAME.")
     src.add_argument("--images", metavar="DIR", help="Folder of generated images (all one size).")
-    p.add_argument("--reference", required=True, metavar="REF", help="Image folder, `digits`, or a .npz (mu, sigma).")
-    p.add_argument("--features", required=True, metavar="SPEC", help="`inception` or `classifier:PATH`.")
+    p.add_argument("--reference", metavar="REF", help="Image folder, `digits`, or a .npz (mu, sigma).")
+    p.add_argument("--features", metavar="SPEC", help="`inception` or `classifier:PATH` (with --reference).")
     p.add_argument("--inception_weights", metavar="PATH", help="Local Inception weights file (--features inception).")
+    p.add_argument("--clip_model", metavar="PATH",
+                   help="Local CLIP model folder (CLIPModel + CLIPProcessor save_pretrained): adds the CLIP score.")
+    p.add_argument("--prompts", metavar="FILE",
+                   help="With --clip_model: a .txt with one prompt per image (sorted-name order) or a metadata.jsonl.")
     p.add_argument("--output_dir", required=True, metavar="DIR", help="Where scores.json (and samples/) go.")
     p.add_argument("--samples_dir", metavar="DIR", help="Where --model's samples go. Default: output_dir/samples.")
     p.add_argument("--num_images", type=int, default=1000, metavar="N", help="Samples from --model. Default: 1000.")
@@ -109,15 +116,20 @@ def eval_command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = evaluate(images=args.images, model=args.model, reference=args.reference, features=args.features,
-                   output_dir=args.output_dir, inception_weights=args.inception_weights, num_images=args.num_images,
+                   output_dir=args.output_dir, inception_weights=args.inception_weights, clip_model=args.clip_model,
+                   prompts=args.prompts, num_images=args.num_images,
                    batch_size=args.batch_size, num_inference_steps=args.num_inference_steps, eta=args.eta,
                    seed=args.seed, samples_dir=args.samples_dir, device=args.device, kid_subsets=args.kid_subsets,
                    kid_subset_size=args.kid_subset_size, save_reference_stats=args.save_reference_stats,
                    allow_small_n=args.allow_small_n, precision_recall_k=args.precision_recall)
     p = rec["protocol"]
-    print(f"features {p['features']['name']} ({p['features']['feature_dim']}-d, sha256 "
-          f"{p['features']['sha256'][:12]}), N {p['images']['n']}, resize {p['resize']}, reference "
-          f"{p['reference']['path']} (stats {p['reference']['stats_sha256'][:12]})")
+    if "features" in p:
+        print(f"features {p['features']['name']} ({p['features']['feature_dim']}-d, sha256 "
+              f"{p['features']['sha256'][:12]}), N {p['images']['n']}, resize {p['resize']}, reference "
+              f"{p['reference']['path']} (stats {p['reference']['stats_sha256'][:12]})")
+    if "clip" in p:
+        print(f"CLIP {p['clip']['model']} (weights sha256 {p['clip']['weights_sha256'][:12]}), N {p['images']['n']}, "
+              f"prompts {p['clip']['prompts']}")
     for k, v in rec["scores"].items():
         print(f"{k}: {v:.6g}")
     print(f"written: {args.output_dir}/scores.json (protocol included)")

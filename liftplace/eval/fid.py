@@ -43,6 +43,16 @@ SEED_POLICY = "image i is sampled from noise seeded seed + i alone (independent 
 
 # --- images -----------------------------------------------------------------------------------
 
+def image_files(folder, *, limit: int | None = None, what: str = "images") -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (the order every score pairs them in)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{what} folder {str(folder)!r} does not exist")
+    # grid.png is the overview `liftplace sample` writes beside its images, not a sample
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name != "grid.png")
+    return files[:limit] if limit is not None else files
+
+
 def load_images(folder, *, limit: int | None = None, what: str = "images") -> Tensor:
     """uint8 ``[N, C, H, W]`` of the images directly in ``folder`` (sorted by name, ``grid.png``
     skipped), C = 1 for grayscale files and 3 for RGB; every image must have the same size and
@@ -50,12 +60,7 @@ def load_images(folder, *, limit: int | None = None, what: str = "images") -> Te
     from PIL import Image
 
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ValueError(f"{what} folder {str(folder)!r} does not exist")
-    # grid.png is the overview `liftplace sample` writes beside its images, not a sample
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.name != "grid.png")
-    if limit is not None:
-        files = files[:limit]
+    files = image_files(folder, limit=limit, what=what)
     if not files:
         raise ValueError(f"{what} folder {str(folder)!r} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                          "point at the folder that holds the image files")
@@ -279,19 +284,35 @@ def _versions() -> dict:
     return out
 
 
-def evaluate(*, images=None, model=None, reference: str, features: str, output_dir, inception_weights=None,
+def evaluate(*, images=None, model=None, reference: str | None = None, features: str | None = None, output_dir,
+             inception_weights=None, clip_model=None, prompts=None,
              num_images: int = 1000, batch_size: int = 64, num_inference_steps: int = 50, eta: float = 0.0,
              seed: int = 0, samples_dir=None, device=None, kid_subsets: int = 100, kid_subset_size: int = 1000,
              reference_limit: int | None = None, save_reference_stats=None, allow_small_n: bool = False,
              precision_recall_k: int | None = None) -> dict:
-    """Score ``images`` (a folder) or ``model`` (sampled first) against ``reference``; writes
-    ``output_dir/scores.json`` and returns it."""
+    """Score ``images`` (a folder) or ``model`` (sampled first): the Fréchet distance (and KID)
+    against ``reference`` in ``features``, and/or the CLIP score against ``prompts`` with
+    ``clip_model``; writes ``output_dir/scores.json`` and returns it."""
     t0 = time.perf_counter()
     if (images is None) == (model is None):
         raise ValueError("pass exactly one of --images DIR and --model PATH")
+    if (reference is None) != (features is None):
+        raise ValueError("--reference and --features go together: pass both (a Fréchet distance) or neither")
+    if features is None and clip_model is None:
+        raise ValueError("nothing to compute: pass --reference and --features (FID/KID), or --clip_model with "
+                         "--prompts (CLIP score), or both")
+    if (clip_model is None) != (prompts is None):
+        raise ValueError("--clip_model and --prompts go together: the CLIP score pairs each image with its prompt")
+    if clip_model is not None and model is not None:
+        raise ValueError("--clip_model scores an --images folder against --prompts; sample the text-to-image model "
+                         "first (`liftplace sample --prompt ...`), then pass that folder as --images")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir = Path(output_dir)
-    extractor = make_extractor(features, inception_weights=inception_weights, device=device)
+    if clip_model is not None:
+        from .clip_score import load_clip
+
+        load_clip(clip_model)  # a missing or incomplete folder fails before any work
+    extractor = make_extractor(features, inception_weights=inception_weights, device=device) if features else None
     generated = {"source": "image folder", "path": str(images)}
     if model is not None:
         samples_dir = Path(samples_dir) if samples_dir else output_dir / "samples"
@@ -300,6 +321,35 @@ def evaluate(*, images=None, model=None, reference: str, features: str, output_d
         generated.update(source="model", samples_dir=str(samples_dir))
         images = samples_dir
     u8 = load_images(images, limit=num_images if model is not None else None, what="generated images")
+    scores, protocol = {}, {}
+    if clip_model is not None:
+        from .clip_score import clip_score, read_prompts
+
+        texts = read_prompts(prompts, image_files(images))
+        scores["clip_score"], scores["clip_score_std"], _, protocol["clip"] = clip_score(
+            u8, texts, clip_model, device=device, batch_size=batch_size)
+        protocol["clip"]["prompts"] = str(prompts)
+    if extractor is not None:
+        _frechet_scores(u8, extractor, scores, protocol, reference=reference, features=features,
+                        reference_limit=reference_limit, save_reference_stats=save_reference_stats,
+                        allow_small_n=allow_small_n, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                        precision_recall_k=precision_recall_k)
+    protocol.update({
+        "images": {"n": u8.shape[0], "size": list(u8.shape[1:]), "storage": "8-bit PNG"},
+        "generated": generated,
+        "versions": _versions(),
+        "device": str(device),
+    })
+    record = {"scores": scores, "protocol": protocol, "wall_time_s": time.perf_counter() - t0}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "scores.json").write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _frechet_scores(u8, extractor, scores: dict, protocol: dict, *, reference, features, reference_limit,
+                    save_reference_stats, allow_small_n, kid_subsets, kid_subset_size, precision_recall_k) -> None:
+    """The Fréchet distance, KID and precision/recall of ``u8`` against ``reference``, into
+    ``scores`` and their protocol into ``protocol``."""
     n, d = u8.shape[0], extractor.feature_dim
     if n <= d and not allow_small_n:
         raise ValueError(f"{n} generated images give a singular {d}x{d} feature covariance: the Fréchet distance "
@@ -314,7 +364,7 @@ def evaluate(*, images=None, model=None, reference: str, features: str, output_d
                          "reference images, or --allow_small_n")
     if save_reference_stats:
         save_stats(save_reference_stats, r_mu, r_sigma)
-    scores = {"frechet_distance": frechet_distance_from_stats(mu, sigma, r_mu, r_sigma)}
+    scores["frechet_distance"] = frechet_distance_from_stats(mu, sigma, r_mu, r_sigma)
     if features == "inception":
         scores["fid"] = scores["frechet_distance"]
     kid_info = None
@@ -327,20 +377,12 @@ def evaluate(*, images=None, model=None, reference: str, features: str, output_d
         if r_feats is None:
             raise ValueError("precision/recall needs reference images (a folder or digits), not .npz statistics")
         scores["precision"], scores["recall"] = precision_recall(r_feats, feats, k=precision_recall_k)
-    protocol = {
+    protocol.update({
         "features": extractor.protocol,
         "precision_recall": ({"method": "Kynkäänniemi et al. 2019 (k-NN balls)", "k": precision_recall_k}
                              if precision_recall_k else None),
         "resize": extractor.resize_method(tuple(u8.shape[-2:])),
-        "images": {"n": n, "size": list(u8.shape[1:]), "storage": "8-bit PNG"},
-        "generated": generated,
         "reference": dict(r_desc, stats_sha256=stats_sha256(r_mu, r_sigma)),
         "kid": kid_info or "not computed: the reference is statistics only (KID needs reference features)",
         "covariance": "unbiased (N - 1), float64",
-        "versions": _versions(),
-        "device": str(device),
-    }
-    record = {"scores": scores, "protocol": protocol, "wall_time_s": time.perf_counter() - t0}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "scores.json").write_text(json.dumps(record, indent=2))
-    return record
+    })

@@ -75,3 +75,25 @@ def write_tiny_pipeline(folder, *, unet_config: dict | None = None, vae_config: 
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+def write_tiny_clip(folder, *, image_size: int = 32, seed: int = 0) -> Path:
+    """A random-weight ``CLIPModel`` folder (config, safetensors weights, the character-level
+    tokenizer, a ``CLIPImageProcessor``) that ``liftplace eval --clip_model`` reads offline."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = Path(folder)
+    tokenizer = write_char_tokenizer(folder)
+    vocab = tokenizer.get_vocab()
+    text = dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length, bos_token_id=vocab[BOS],
+                eos_token_id=vocab[EOS], pad_token_id=vocab[EOS])
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=image_size, patch_size=8)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=8))
+    model.save_pretrained(str(folder), safe_serialization=True)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+                       ).save_pretrained(str(folder))
+    return folder
