@@ -238,14 +238,15 @@ def config_key(shape, grouping, P):
 
 # ---------------------------------------------------------------------------------------
 
-def kernel_breakdown(configs, device, repeats):
-    """ns per element of the raw ops, next to the time the same bytes take at copy speed."""
+def kernel_breakdown(configs, device, repeats, threads):
+    """ns per element of the raw ops, next to the time the same bytes take at copy speed, and
+    the Python layer's cost: the ext step minus its two kernels (same thread count)."""
     src = torch.ones(16 * 2**20, device=device)  # 64 MiB
     dst = torch.empty_like(src)
     copy_ms = time_fn(lambda: dst.copy_(src), device, repeats)
     copy_gbs = 2 * src.numel() * 4 / copy_ms / 1e6  # read + write
     print(f"\nraw ops, {torch.get_num_threads()} thread(s); copy_ {copy_gbs:.1f} GB/s (read + write)")
-    print("  shape/grouping/P          | fwd ns/el | floor | bwd ns/el | floor")
+    print("  shape/grouping/P          | fwd ns/el | floor | bwd ns/el | floor | python layer ms")
     for c in configs:
         shape, grouping, P = tuple(c["shape"]), c["grouping"], c["group_size"]
         s, t = make_inputs(shape, device)
@@ -264,8 +265,10 @@ def kernel_breakdown(configs, device, repeats):
         floor = {k: b / copy_gbs for k, b in (("fwd", fwd_bytes), ("bwd", bwd_bytes))}
         c["kernel_ns_per_elem"] = ns
         c["traffic_floor_ns_per_elem"] = floor
+        step_ms = c["ms"][threads]["ext"]
+        c["python_layer_ms"] = step_ms - (ns["fwd"] + ns["bwd"]) * R * N / 1e6
         print(f"  {config_key(shape, grouping, P):26s}| {ns['fwd']:9.2f} | {floor['fwd']:5.2f} |"
-              f" {ns['bwd']:9.2f} | {floor['bwd']:5.2f}")
+              f" {ns['bwd']:9.2f} | {floor['bwd']:5.2f} | {c['python_layer_ms']:.3f}")
     return copy_gbs
 
 
@@ -369,7 +372,7 @@ def main():
     print_table(configs, methods, args)
     if len(args.threads) > 1:
         print_scaling(configs, methods, args)
-    copy_gbs = kernel_breakdown(configs, args.device, args.repeats) if args.kernels else None
+    copy_gbs = kernel_breakdown(configs, args.device, args.repeats, args.threads[0]) if args.kernels else None
     report = {
         "copy_gb_per_s": copy_gbs,
         "device": args.device,
