@@ -157,7 +157,7 @@ def cost_command(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    costs, shapes, sources = {}, {}, {}
+    costs, shapes, sources, conds = {}, {}, {}, {}
     for role in ("teacher", "student"):
         path = getattr(args, role)
         if path is None:
@@ -165,6 +165,8 @@ def cost_command(args) -> int:
         family, model, sched_cfg, model_dir = load_for_sampling(path)
         shape = family.sample_shape(dict(model.config), args.resolution)
         shapes[role], sources[role] = shape, str(model_dir)
+        conds[role] = {k: list(v.shape) for k, v in family.example_cond(dict(model.config), args.batch_size, "cpu",
+                                                                        torch.float32).items()}
         costs[role] = model_cost(model, family, shape, name=role, batch_size=args.batch_size, device=device,
                                  dtype=args.dtype, num_inference_steps=args.num_inference_steps,
                                  scheduler=ddim_scheduler_from(sched_cfg), repeats=args.repeats)
@@ -176,7 +178,10 @@ def cost_command(args) -> int:
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
                 "batch_size": args.batch_size, "sample_shape": list(next(iter(shapes.values()))),
                 "num_inference_steps": args.num_inference_steps, "repeats": args.repeats,
-                "sampler": "DDIM (eta 0)"}
+                "sampler": "DDIM (eta 0)",
+                "conditioning": ({role: {k: f"zeros {shape}" for k, shape in c.items()} for role, c in conds.items()}
+                                 if any(conds.values()) else None),
+                "measures": "the denoiser alone (text encoders and VAE decoding are not included)"}
     teacher = costs["teacher"] if len(costs) == 2 else None
     record = compare_cost(teacher, costs.get("student") or costs["teacher"], protocol)
     print(format_cost(record))

@@ -63,16 +63,17 @@ def _blocks(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _check_unconditional(family: ModelFamily | None) -> None:
+    """Sampling for ``liftplace eval --model`` draws unconditional samples only."""
     if family is not None and family.cond_keys:
         raise ValueError(f"the {family.name} family needs conditioning ({', '.join(family.cond_keys)}) for every "
-                         "call; measuring it (and sampling it for eval) is not supported yet: only unconditional "
-                         "families are")
+                         "call; `liftplace eval --model` samples unconditional families only: sample the model "
+                         "with `liftplace sample` and pass the folder as --images")
 
 
-def _call(family: ModelFamily | None, model: nn.Module, x: Tensor, t: Tensor):
+def _call(family: ModelFamily | None, model: nn.Module, x: Tensor, t: Tensor, cond: dict | None = None):
     if family is None:
         return model(x, t)
-    return family.forward(model, x, t, {})
+    return family.forward(model, x, t, cond or {})
 
 
 def _inputs(sample_shape, batch_size: int, device, dtype):
@@ -83,15 +84,16 @@ def _inputs(sample_shape, batch_size: int, device, dtype):
 
 
 @torch.no_grad()
-def count_macs(model: nn.Module, *args, family: ModelFamily | None = None) -> tuple[int, dict[str, int]]:
+def count_macs(model: nn.Module, *args, family: ModelFamily | None = None,
+               cond: dict | None = None) -> tuple[int, dict[str, int]]:
     """``(total MACs, {block: MACs})`` of one call ``model(*args)`` (or ``family.forward``
-    with ``args = (x, t)``). MACs = FLOPs / 2 as counted by ``FlopCounterMode``."""
+    with ``args = (x, t)`` and ``cond``). MACs = FLOPs / 2 as counted by ``FlopCounterMode``."""
     root = type(model).__name__
     with FlopCounterMode(display=False) as fc:
         if family is None:
             model(*args)
         else:
-            _call(family, model, *args)
+            _call(family, model, *args, cond)
     counts = fc.get_flop_counts()
     per_block = {name: sum(counts.get(f"{root}.{name}", {}).values()) // 2 for name in _blocks(model)}
     return fc.get_total_flops() // 2, per_block
@@ -127,18 +129,19 @@ class _LiveTensorBytes(TorchDispatchMode):
 
 
 @torch.no_grad()
-def peak_memory(model: nn.Module, x: Tensor, t: Tensor, family: ModelFamily | None = None) -> tuple[int, str]:
+def peak_memory(model: nn.Module, x: Tensor, t: Tensor, family: ModelFamily | None = None,
+                cond: dict | None = None) -> tuple[int, str]:
     """``(bytes, method)``: peak memory one call adds beyond weights and inputs (see module doc)."""
     if x.device.type == "cuda":
         torch.cuda.synchronize(x.device)
         base = torch.cuda.memory_allocated(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
-        _call(family, model, x, t)
+        _call(family, model, x, t, cond)
         torch.cuda.synchronize(x.device)
         return torch.cuda.max_memory_allocated(x.device) - base, "torch.cuda.max_memory_allocated minus before"
-    mode = _LiveTensorBytes([x, t, *model.parameters(), *model.buffers()])
+    mode = _LiveTensorBytes([x, t, *(cond or {}).values(), *model.parameters(), *model.buffers()])
     with mode:
-        out = _call(family, model, x, t)
+        out = _call(family, model, x, t, cond)
     del out
     return mode.peak, "peak bytes of live operator outputs (TorchDispatchMode; kernel scratch not counted)"
 
@@ -174,7 +177,6 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
                    ("repeats", repeats), ("sample_repeats", sample_repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{key} must be a positive int, got {v!r}")
-    _check_unconditional(family)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
@@ -188,14 +190,16 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
     model.eval()
     try:
         x, t = _inputs(sample_shape, batch_size, device, p.dtype)
-        macs, per_block = count_macs(model, x, t, family=family)
-        peak, method = peak_memory(model, x, t, family)
-        per_call = _timed(lambda: _call(family, model, x, t), device, warmup, repeats)
+        # conditional families: zero conditioning of the right shapes (a call costs the same)
+        cond = family.example_cond(dict(model.config), batch_size, device, p.dtype) if family is not None else {}
+        macs, per_block = count_macs(model, x, t, family=family, cond=cond)
+        peak, method = peak_memory(model, x, t, family, cond)
+        per_call = _timed(lambda: _call(family, model, x, t, cond), device, warmup, repeats)
         per_sample = 0.0
         if scheduler is not None:
             run = lambda: ddim_sample(family, model, scheduler, batch_size, sample_shape,  # noqa: E731
                                       num_inference_steps=num_inference_steps, batch_size=batch_size,
-                                      device=device)
+                                      device=device, cond=cond or None)
             per_sample = _timed(run, device, 0, sample_repeats)
     finally:
         model.train(was_training)
@@ -290,12 +294,8 @@ def cost_summary(teacher: nn.Module | None, student: nn.Module, family: ModelFam
 
 
 def log_cost_summary(log, teacher: nn.Module | None, student: nn.Module, family: ModelFamily, sample_shape) -> None:
-    """Log :func:`cost_summary` at a run's start. A conditional family (``cond_keys``) is not
-    called without its conditioning, and any failure is a warning, never a failed run."""
-    if family.cond_keys:
-        log.info(f"cost summary skipped: the {family.name} family needs conditioning "
-                 f"({', '.join(family.cond_keys)}) to be called")
-        return
+    """Log :func:`cost_summary` at a run's start (conditional families with zero conditioning,
+    see :meth:`ModelFamily.example_cond`); any failure is a warning, never a failed run."""
     try:
         log.info("\n" + cost_summary(teacher, student, family, sample_shape))
     except Exception as exc:  # noqa: BLE001 - a summary must not stop training

@@ -77,6 +77,11 @@ class ModelFamily:
         """The spatial size the models see for ``cfg.resolution`` (from configs only)."""
         return cfg.resolution
 
+    def example_cond(self, config: dict, batch_size: int, device, dtype) -> dict:
+        """Conditioning of the shapes a call needs, for measuring a model (``liftplace cost``):
+        zeros, which cost what real conditioning costs. ``{}`` for an unconditional family."""
+        return {}
+
 
 class UNet2DFamily(ModelFamily):
     """Unconditional pixel-space ``diffusers.UNet2DModel``."""
@@ -187,6 +192,13 @@ class UNet2DConditionFamily(UNet2DFamily):
             raise ConfigError(f"resolution={cfg.resolution} must be a multiple of the VAE's downsampling factor "
                               f"{factor}")
         return cfg.resolution // factor
+
+    def example_cond(self, config, batch_size, device, dtype, tokens: int = 77):
+        """Zero prompt embeddings ``[B, tokens, cross_attention_dim]``; 77 is CLIP's context length."""
+        dim = config.get("cross_attention_dim")
+        if not isinstance(dim, int):
+            raise ValueError(f"cross_attention_dim={dim!r}: measuring needs one text-embedding width (an int)")
+        return {"encoder_hidden_states": torch.zeros(batch_size, tokens, dim, device=device, dtype=dtype)}
 
     def check_supported(self, config, what):
         for key in ("class_embed_type", "num_class_embeds", "addition_embed_type", "encoder_hid_dim"):
