@@ -147,6 +147,10 @@ def test_cost_errors(tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="pass --device cpu"):
             model_cost(teacher, FAMILY, (1, 16, 16), device="cuda")
+    conditional = UNet2DFamily()
+    conditional.cond_keys = ("label",)
+    with pytest.raises(ValueError, match=r"needs conditioning \(label\) .* gives no example of it"):
+        model_cost(teacher, conditional, (1, 16, 16))
     assert main(["cost"]) == 2
     assert "pass --student PATH" in capsys.readouterr().err
     assert main(["cost", "--student", str(tmp_path / "missing")]) == 2

@@ -192,6 +192,10 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
         x, t = _inputs(sample_shape, batch_size, device, p.dtype)
         # conditional families: zero conditioning of the right shapes (a call costs the same)
         cond = family.example_cond(dict(model.config), batch_size, device, p.dtype) if family is not None else {}
+        missing = [k for k in (family.cond_keys if family is not None else ()) if k not in cond]
+        if missing:
+            raise ValueError(f"the {family.name} family needs conditioning ({', '.join(missing)}) for every call "
+                             "and gives no example of it (ModelFamily.example_cond), so it cannot be measured")
         macs, per_block = count_macs(model, x, t, family=family, cond=cond)
         peak, method = peak_memory(model, x, t, family, cond)
         per_call = _timed(lambda: _call(family, model, x, t, cond), device, warmup, repeats)
