@@ -259,6 +259,42 @@ def test_deterministic(device, grouping):
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("grouping", ["error", "global", "patch"])
+def test_backward_of_few_long_rows_is_split_across_threads_bitwise(grouping, dtype):
+    """Fewer rows than twice the threads: the CPU backward splits each row into spans over all
+    threads. The bits equal the one-row-per-task path (3 rows at 1 thread) and the twin's
+    values to rounding, with grad_slope/grad_intercept and both need_grad_y settings."""
+    if not ext_available("cpu"):
+        pytest.skip("needs the CPU extension")
+    R, N, width = 3, 256 * 320, 320  # 81,920 elements per row: three spans of 32,768 (patch: whole image rows)
+    P = 16 if grouping != "global" else N
+    x, y = make_inputs(R, N, dtype, "cpu", seed=5)
+    g = torch.Generator().manual_seed(3)
+    out = fwd(x, y, P, grouping, "l1", width if grouping == "patch" else 0)
+    acc = out[0].dtype
+    grads = (torch.randn(R, ref.ROW_STATS, generator=g).to(acc), torch.randn(out[0].shape, generator=g).to(acc),
+             torch.randn(out[1].shape, generator=g).to(acc))
+    threads = torch.get_num_threads()
+    results = {}
+    try:
+        for n in (1, 4):  # 3 >= 2 * 1: per row; 3 < 2 * 4: split
+            torch.set_num_threads(n)
+            for need_y in (True, False):
+                results[n, need_y] = bwd(grads, x, y, out, P, grouping, "l1", width if grouping == "patch" else 0,
+                                         need_grad_y=need_y)
+    finally:
+        torch.set_num_threads(threads)
+    for need_y in (True, False):
+        a, b = results[1, need_y], results[4, need_y]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    twin = ref.lift_place_bwd(*grads, x, y, out[0], out[1], out[3], out[4], P, grouping, "l1",
+                              width if grouping == "patch" else 0, True)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results[4, True][0], twin[0], **tol)
+    torch.testing.assert_close(results[4, True][1], twin[1], **tol)
+
+
 def test_empty_batch(device):
     x = torch.empty(0, 64, device=device)
     out = fwd(x, x, 16, "error")

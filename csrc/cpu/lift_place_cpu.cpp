@@ -21,6 +21,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "liftplace.h"
 
@@ -62,6 +63,12 @@ struct FwdArgs {
   double eps;
   bool l2;
   Grouping grouping;
+};
+
+// One group's backward constants (lift_place_cpu_kernels.h, group_coef).
+template <typename acc_t>
+struct GradCoef {
+  acc_t mx, my, a, k, two_a, fine_a, cx, cy;
 };
 
 template <typename scalar_t, typename acc_t>
@@ -113,6 +120,12 @@ bool use_avx2() {
 
 // Rows per parallel_for task: about 32K elements, so short rows are batched (docs/KERNELS.md).
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+// Elements per backward span when rows are split (a multiple of `unit`, the image width for
+// "patch"): about 32K, like row_grain.
+inline int64_t bwd_span(int64_t n, int64_t unit) {
+  return std::min(n, std::max<int64_t>(1, 32768 / unit) * unit);
+}
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lift_place_fwd_cpu(const Tensor& x, const Tensor& y,
                                                                       int64_t group_size,
@@ -194,12 +207,30 @@ std::tuple<Tensor, Tensor> lift_place_bwd_cpu(const Tensor& grad_rows, const std
         width,
         c.norm == Norm::L2,
         c.grouping};
-    at::parallel_for(0, R, row_grain(N), [&](int64_t begin, int64_t end) {
+    const int64_t span = bwd_span(N, c.grouping == Grouping::Patch ? width : 1);
+    if (R >= 2 * at::get_num_threads() || span >= N) {
+      at::parallel_for(0, R, row_grain(N), [&](int64_t begin, int64_t end) {
 #ifdef LIFTPLACE_AVX2
-      if (avx2) return isa_avx2::bwd_rows(A, need_grad_y, begin, end, bad_gid);
+        if (avx2) return isa_avx2::bwd_rows(A, need_grad_y, begin, end, bad_gid);
 #endif
-      isa_base::bwd_rows(A, need_grad_y, begin, end, bad_gid);
-    });
+        isa_base::bwd_rows(A, need_grad_y, begin, end, bad_gid);
+      });
+    } else {  // few long rows: coefficients per row, then spans of every row over all threads
+      Tensor coefs = at::empty({R * G * int64_t(sizeof(GradCoef<acc_t>))}, x.options().dtype(at::kByte));
+      Tensor twos = at::empty({R, 2}, x.options().dtype(c.acc));
+      auto* cp = reinterpret_cast<GradCoef<acc_t>*>(coefs.mutable_data_ptr<uint8_t>());
+      acc_t* tp = twos.mutable_data_ptr<acc_t>();
+      at::parallel_for(0, R, 1, [&](int64_t begin, int64_t end) {
+        isa_base::bwd_rows_coefs(A, cp, tp, begin, end);  // scalar double math: one build suffices
+      });
+      const int64_t spans = R * ((N + span - 1) / span);
+      at::parallel_for(0, spans, 1, [&](int64_t begin, int64_t end) {
+#ifdef LIFTPLACE_AVX2
+        if (avx2) return isa_avx2::bwd_spans(A, need_grad_y, cp, tp, span, begin, end, bad_gid);
+#endif
+        isa_base::bwd_spans(A, need_grad_y, cp, tp, span, begin, end, bad_gid);
+      });
+    }
   });
   // Ids outside [0, G) were skipped by the kernel (never used as an index).
   TORCH_CHECK(!bad_gid.load(), "liftplace: lift_place_bwd got group_id values outside [0, G=", G,

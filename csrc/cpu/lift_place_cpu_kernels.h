@@ -471,10 +471,8 @@ void fwd_global_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t e
 // Backward: the gradient is affine per group; fold everything per group into a few
 // constants, then one streaming pass over the elements.
 
-template <typename acc_t>
-struct GradCoef {
-  acc_t mx, my, a, k, two_a, fine_a, cx, cy;
-};
+// GradCoef (the per-group constants) is defined once in lift_place_cpu.cpp, shared by both
+// ISA builds: the split backward computes them in one build and uses them in the other.
 
 struct RowGrads {
   double coarse, fine, sqerr, absdev, absb, suma, sumb;
@@ -514,55 +512,71 @@ inline void elem_grad(const GradCoef<acc_t>& c, acc_t two_fine, acc_t two_sq, sc
   if constexpr (kNeedY) *gy = static_cast<scalar_t>(c.k * dx + c.cy - two_fine * r - two_sq * diff);
 }
 
+// Row r's per-group coefficients into coef[0, G); returns {2 g_fine, 2 g_sqerr}.
+template <typename scalar_t, typename acc_t>
+inline std::pair<acc_t, acc_t> row_coefs(const BwdArgs<scalar_t, acc_t>& A, int64_t r, GradCoef<acc_t>* coef) {
+  const int64_t N = A.N, G = A.G, P = A.P;
+  const acc_t* gr = A.grad_rows + r * kRowStats;
+  const RowGrads g{gr[kCoarse], gr[kFine], gr[kSqErr], gr[kAbsSlopeDev], gr[kAbsIntercept], gr[kSumSlope],
+                   gr[kSumIntercept]};
+  for (int64_t k = 0; k < G; ++k) {
+    const int64_t j = r * G + k;
+    const double n = A.grouping == Grouping::Global ? double(N) : double(group_len(k, G, N, P));
+    const acc_t* ax = A.aux + j * kAux;
+    coef[k] = group_coef<acc_t>(g, A.slope[j], A.intercept[j], ax[kMeanX], ax[kMeanY], ax[kDenom], n, A.l2,
+                                A.grad_slope ? double(A.grad_slope[j]) : 0.0,
+                                A.grad_intercept ? double(A.grad_intercept[j]) : 0.0);
+  }
+  return {static_cast<acc_t>(2 * g.fine), static_cast<acc_t>(2 * g.sqerr)};
+}
+
+// The elementwise pass over elements [i0, i1) of row r (for "patch", whole image rows:
+// i0 and i1 are multiples of the width). Each element depends only on its own x, y and its
+// group's coefficients, so any split of a row gives the same bits.
+template <bool kNeedY, typename scalar_t, typename acc_t>
+inline void grad_span(const BwdArgs<scalar_t, acc_t>& A, int64_t r, const GradCoef<acc_t>* coef, acc_t two_fine,
+                      acc_t two_sq, int64_t i0, int64_t i1, std::atomic<bool>& bad_gid) {
+  const int64_t N = A.N, G = A.G, P = A.P;
+  const scalar_t* x = A.x + r * N;
+  const scalar_t* y = A.y + r * N;
+  scalar_t* gx = A.gx + r * N;
+  scalar_t* gy = kNeedY ? A.gy + r * N : nullptr;
+  if (A.grouping == Grouping::Error) {
+    const int32_t* gid = A.gid + r * N;
+    bool bad = false;
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint32_t k = static_cast<uint32_t>(gid[i]);
+      if (k >= static_cast<uint32_t>(G)) {
+        bad = true;
+        continue;
+      }
+      elem_grad<kNeedY>(coef[k], two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
+    }
+    if (bad) bad_gid.store(true);
+  } else if (A.grouping == Grouping::Patch) {
+    const int64_t W = A.width, p = patch_side(P), tiles_w = W / p;
+    for (int64_t h = i0 / W; h < i1 / W; ++h) {
+      const GradCoef<acc_t>* row_coef = coef + (h / p) * tiles_w;
+      for (int64_t tw = 0; tw < tiles_w; ++tw) {
+        const GradCoef<acc_t> c = row_coef[tw];
+        const int64_t e0 = h * W + tw * p;
+        for (int64_t i = e0; i < e0 + p; ++i)
+          elem_grad<kNeedY>(c, two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
+      }
+    }
+  } else {
+    const GradCoef<acc_t> c = coef[0];
+    for (int64_t i = i0; i < i1; ++i)
+      elem_grad<kNeedY>(c, two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
+  }
+}
+
 template <bool kNeedY, typename scalar_t, typename acc_t>
 void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end, std::atomic<bool>& bad_gid) {
-  const int64_t N = A.N, G = A.G, P = A.P;
-  auto coef = scratch<GradCoef<acc_t>>(G);
+  auto coef = scratch<GradCoef<acc_t>>(A.G);
   for (int64_t r = begin; r < end; ++r) {
-    const acc_t* gr = A.grad_rows + r * kRowStats;
-    const RowGrads g{gr[kCoarse], gr[kFine], gr[kSqErr], gr[kAbsSlopeDev], gr[kAbsIntercept], gr[kSumSlope],
-                     gr[kSumIntercept]};
-    for (int64_t k = 0; k < G; ++k) {
-      const int64_t j = r * G + k;
-      const double n = A.grouping == Grouping::Global ? double(N) : double(group_len(k, G, N, P));
-      const acc_t* ax = A.aux + j * kAux;
-      coef[k] = group_coef<acc_t>(g, A.slope[j], A.intercept[j], ax[kMeanX], ax[kMeanY], ax[kDenom], n, A.l2,
-                                  A.grad_slope ? double(A.grad_slope[j]) : 0.0,
-                                  A.grad_intercept ? double(A.grad_intercept[j]) : 0.0);
-    }
-    const acc_t two_fine = static_cast<acc_t>(2 * g.fine), two_sq = static_cast<acc_t>(2 * g.sqerr);
-    const scalar_t* x = A.x + r * N;
-    const scalar_t* y = A.y + r * N;
-    scalar_t* gx = A.gx + r * N;
-    scalar_t* gy = kNeedY ? A.gy + r * N : nullptr;
-    if (A.grouping == Grouping::Error) {
-      const int32_t* gid = A.gid + r * N;
-      bool bad = false;
-      for (int64_t i = 0; i < N; ++i) {
-        const uint32_t k = static_cast<uint32_t>(gid[i]);
-        if (k >= static_cast<uint32_t>(G)) {
-          bad = true;
-          continue;
-        }
-        elem_grad<kNeedY>(coef[k], two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
-      }
-      if (bad) bad_gid.store(true);
-    } else if (A.grouping == Grouping::Patch) {
-      const int64_t W = A.width, p = patch_side(P), tiles_w = W / p;
-      for (int64_t h = 0; h < N / W; ++h) {
-        const GradCoef<acc_t>* row_coef = coef.get() + (h / p) * tiles_w;
-        for (int64_t tw = 0; tw < tiles_w; ++tw) {
-          const GradCoef<acc_t> c = row_coef[tw];
-          const int64_t i0 = h * W + tw * p;
-          for (int64_t i = i0; i < i0 + p; ++i)
-            elem_grad<kNeedY>(c, two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
-        }
-      }
-    } else {
-      const GradCoef<acc_t> c = coef[0];
-      for (int64_t i = 0; i < N; ++i)
-        elem_grad<kNeedY>(c, two_fine, two_sq, x[i], y[i], gx + i, kNeedY ? gy + i : nullptr);
-    }
+    const auto [two_fine, two_sq] = row_coefs(A, r, coef.get());
+    grad_span<kNeedY>(A, r, coef.get(), two_fine, two_sq, 0, A.N, bad_gid);
   }
 }
 
@@ -589,4 +603,31 @@ void bwd_rows(const BwdArgs<scalar_t, acc_t>& A, bool need_grad_y, int64_t begin
     bwd_rows<true>(A, begin, end, bad_gid);
   else
     bwd_rows<false>(A, begin, end, bad_gid);
+}
+
+// Few long rows (fewer rows than threads can share): the coefficients of every row first,
+// then the elementwise pass split into spans of `span` elements across all rows, so every
+// thread works whatever R is. Same bits as bwd_rows (grad_span's comment).
+template <typename scalar_t, typename acc_t>
+void bwd_rows_coefs(const BwdArgs<scalar_t, acc_t>& A, GradCoef<acc_t>* coefs, acc_t* twos, int64_t begin,
+                    int64_t end) {
+  for (int64_t r = begin; r < end; ++r) {
+    const auto [two_fine, two_sq] = row_coefs(A, r, coefs + r * A.G);
+    twos[2 * r] = two_fine;
+    twos[2 * r + 1] = two_sq;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_spans(const BwdArgs<scalar_t, acc_t>& A, bool need_grad_y, const GradCoef<acc_t>* coefs, const acc_t* twos,
+               int64_t span, int64_t begin, int64_t end, std::atomic<bool>& bad_gid) {
+  const int64_t per_row = (A.N + span - 1) / span;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t r = t / per_row, i0 = (t % per_row) * span, i1 = std::min(A.N, i0 + span);
+    const GradCoef<acc_t>* c = coefs + r * A.G;
+    if (need_grad_y)
+      grad_span<true>(A, r, c, twos[2 * r], twos[2 * r + 1], i0, i1, bad_gid);
+    else
+      grad_span<false>(A, r, c, twos[2 * r], twos[2 * r + 1], i0, i1, bad_gid);
+  }
 }
