@@ -251,6 +251,9 @@ class TrainConfig:
                                   "calibration loss.", "model")
     max_sequence_length: int = _f(77, "sd3: T5 tokens (text_encoder_3, when used); with no T5 the joint sequence "
                                   "is the CLIP tokens followed by this many zero tokens, as the SD3 pipeline.", "data")
+    prompt_embeds_path: str | None = _f(None, "sd3: a folder of cached prompt embeddings (prompt_embeds.safetensors "
+                                        "+ captions.json, from liftplace.train.sd3.cache_prompt_embeddings) used "
+                                        "instead of loading the text encoders.", "data")
     use_t5: bool = _f(False, "sd3: use text_encoder_3 (T5) from text_encoder_path; false drops it (zeros in its "
                       "place), as SD3 allows.", "data")
 

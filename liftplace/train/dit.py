@@ -217,6 +217,8 @@ def make_depth_pruned_student(teacher: nn.Module, family, kept: list[int], *, ve
 
     cfg = model_config_dict(teacher)
     cfg["num_layers"] = len(kept)
+    if cfg.get("dual_attention_layers"):  # SD3.5: the kept blocks keep their kind
+        cfg["dual_attention_layers"] = [i for i, src in enumerate(kept) if src in set(cfg["dual_attention_layers"])]
     student = build_from_config(cfg, family, "depth-pruned student")
     t_state = teacher.state_dict()
     new = {}
@@ -390,15 +392,18 @@ def sample_grid(tr):
 
 
 def load_and_sample(path, labels: Tensor | None = None, *, num_images: int | None = None, guidance_scale: float = 1.0,
-                    num_inference_steps: int = 50, seed: int = 0, batch_size: int = 64, sample_size: int | None = None):
+                    num_inference_steps: int = 50, seed: int = 0, batch_size: int = 64, sample_size: int | None = None,
+                    cond: dict | None = None, uncond: dict | None = None):
     """Load an exported model folder (``from_pretrained`` + its ``scheduler_config.json``) and sample:
-    ``(images, scheduler)``. ``labels`` (dit) condition image ``i`` on ``labels[i]``."""
+    ``(images, scheduler)``. ``labels`` (dit) condition image ``i`` on ``labels[i]``; other
+    families take ``cond`` / ``uncond`` (sd3: prompt embeddings, one row per image)."""
     from .sampling import load_for_sampling
 
     family, model, sched_cfg, _ = load_for_sampling(path)
     scheduler = scheduler_from_config(sched_cfg)
     shape = family.sample_shape(dict(model.config), sample_size)
-    cond = uncond = None
+    if cond is not None and num_images is None:
+        num_images = len(next(iter(cond.values())))
     if family.name == "dit":
         null = family.null_class(dict(model.config))
         if labels is None:

@@ -316,6 +316,11 @@ class SD3Family(_TransformerFamily):
 
         return build_sd3_encoders(cfg, device, dtype)
 
+    def model_resolution(self, cfg) -> int:
+        from .sd3 import sd3_model_resolution
+
+        return sd3_model_resolution(cfg)
+
     def check_supported(self, config, what):
         if config.get("in_channels", 16) != config.get("out_channels", 16):
             raise ConfigError(f"{what}: in_channels ({config.get('in_channels')}) must equal out_channels "

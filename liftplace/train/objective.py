@@ -281,7 +281,8 @@ class DistillationLoss:
         return dict(group_size=c.group_size, grouping=c.grouping, norm=c.kd_norm, reduction=c.kd_reduction,
                     weight=c.kd_weight, parts=c.kd_parts, coarse_weight=c.kd_coarse_weight, eps=c.kd_eps)
 
-    def feature_loss(self, name: str, student: Tensor, teacher: Tensor, step: int) -> Tensor:
+    def feature_loss(self, name: str, student: Tensor, teacher: Tensor, step: int,
+                     timesteps: Tensor | None = None) -> Tensor:
         """One feature pair's loss: squared error (``mse``) or LIFT/PLACE on the feature maps."""
         c = self.cfg
         if c.kd_feat_loss == "mse":
@@ -293,8 +294,12 @@ class DistillationLoss:
             raise ValueError(f"kd_feat_loss=lift_place: feature {name!r} {tuple(student.shape)} has {n} elements per "
                              f"channel, fewer than group_size={c.group_size}; pick larger feature maps in "
                              "kd_feat_layers or lower group_size")
+        buckets = {}
+        if c.kd_weight == "adaptive-timestep" and timesteps is not None:  # per-batch buckets (no EMA) for features
+            buckets = dict(timesteps=timesteps, num_buckets=c.kd_num_buckets,
+                           t_max=self.objective.num_train_timesteps, bucket_ema=None)
         return lift_place_loss(student, teacher, step=step, total_steps=c.max_train_steps, channel_dim=channel_dim,
-                               **self.kd_options())
+                               **self.kd_options(), **buckets)
 
     def teacher_output(self, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
         """The teacher's prediction (its mean half for a learned-sigma model)."""
@@ -372,7 +377,7 @@ class DistillationLoss:
             feat = x.new_zeros(())
             for name, ft in t_feats.items():
                 fs = self.adapters(name, s_feats[name].float())
-                feat = feat + self.feature_loss(name, fs, ft.float(), step)
+                feat = feat + self.feature_loss(name, fs, ft.float(), step, timesteps)
             total = total + c.lambda_kd_feat * feat
             terms["feat_loss"] = feat.detach()
         terms["loss"] = total.detach()
