@@ -268,6 +268,12 @@ def test_export_from_pretrained_sample_round_trip(tmp_path, flow):
     # labels matter: the same seeds with other labels give other images
     images2, _ = load_and_sample(r.model_dir, torch.tensor([1, 1, 1, 1]), guidance_scale=2.0, num_inference_steps=3)
     assert not torch.allclose(images[1:3], images2[1:3])
+    # `liftplace sample` takes the same path (--class_labels)
+    from liftplace.cli import main
+
+    assert main(["sample", "--model", str(r.model_dir), "--num_images", "2", "--class_labels", "3",
+                 "--num_inference_steps", "2", "--output_dir", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "grid.png").is_file() and (tmp_path / "cli" / "000001.png").is_file()
 
 
 def test_config_errors(tmp_path):
