@@ -133,3 +133,26 @@ def test_cached_prompt_embeddings(tmp_path, assets):
         tr2.encoders.embed(["purple"])
     with pytest.raises(ConfigError, match="prompt_embeds_path"):
         Trainer(make_config(tmp_path / "c", assets, prompt_embeds_path=str(tmp_path))).setup()
+
+
+def test_optional_t5(tmp_path, assets):
+    """use_t5: text_encoder_3 (a tiny T5EncoderModel from config) fills the token tail instead of zeros."""
+    import shutil
+
+    from transformers import T5Config, T5EncoderModel
+
+    text, data = assets
+    folder = tmp_path / "text"
+    shutil.copytree(text, folder)
+    shutil.copytree(folder / "tokenizer", folder / "tokenizer_3")  # any tokenizer AutoTokenizer can load
+    vocab = len(json.loads((folder / "tokenizer_3" / "vocab.json").read_text()))
+    torch.manual_seed(3)
+    T5EncoderModel(T5Config(vocab_size=vocab, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        str(folder / "text_encoder_3"))
+    tr = Trainer(make_config(tmp_path / "run", (folder, data), text_encoder_path=str(folder), use_t5=True)).setup()
+    h = tr.encoders.embed(["red", "blue"])["encoder_hidden_states"]
+    assert h.shape == (2, 12 + 5, 32) and h[:, 12:].abs().sum() > 0
+    out = tr.loss_fn(torch.rand(4, 3, 8, 8) * 2 - 1, tr.encoders.embed(["red"] * 4), torch.Generator().manual_seed(0), 0)
+    assert math.isfinite(float(out.loss))
+    with pytest.raises(ConfigError, match="use_t5"):
+        Trainer(make_config(tmp_path / "run2", assets, use_t5=True)).setup()
