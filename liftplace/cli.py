@@ -195,7 +195,13 @@ def _sample_command(args) -> int:
         images = sample_images(family, model, scheduler_from_config(sched_cfg), args.num_images,
                                family.sample_shape(dict(model.config)), seed=args.seed,
                                num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
-                               device=device, cond=cond, uncond=uncond, guidance_scale=args.guidance_scale)
+                               device=device, cond=cond, uncond=uncond, guidance_scale=args.guidance_scale,
+                               clamp=not (model_dir / "vae").is_dir())
+        if (model_dir / "vae").is_dir():  # a latent DiT exported with its VAE
+            from .train.dit import LatentEncoder
+            from .train.latent import load_vae
+
+            images = LatentEncoder(load_vae(model_dir / "vae"), device=device).decode(images).cpu()
     else:
         if args.prompt:
             raise ValueError(f"--prompt: the model in {model_dir} is not text-conditional")

@@ -119,6 +119,61 @@ def with_class_labels(data, cfg, name) -> torch.utils.data.Dataset:
     return full
 
 
+# --- latent DiT ---------------------------------------------------------------------------------
+
+class LatentEncoder:
+    """The frozen VAE of a latent ``dit`` run (``pretrained_vae_model_name_or_path``): images ->
+    ``(z - shift_factor)·scaling_factor`` latents, and back. No text; labels stay in the batch."""
+
+    captioned = False
+    cache = None
+
+    def __init__(self, vae: nn.Module, *, sample_mode: str = "sample", device=None, dtype=torch.float32,
+                 source: Path | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        self.vae = vae.to(self.device, dtype).eval().requires_grad_(False)
+        self.pixel_channels = int(vae.config.in_channels)
+        self.sample_mode = sample_mode
+        self.scaling = float(vae.config.scaling_factor)
+        self.shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        self.source = source
+
+    @torch.no_grad()
+    def latents(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+        z = dist.mean if self.sample_mode == "mean" else dist.sample(generator=generator)
+        return ((z - self.shift) * self.scaling).float()
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor) -> Tensor:
+        z = latents.to(self.device, self.dtype) / self.scaling + self.shift
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    def encode_batch(self, pixels: Tensor, batch: dict, generator: torch.Generator, flips=None):
+        return self.latents(pixels, generator), {}
+
+    def pipeline(self, model: nn.Module, scheduler, dtype=torch.float32):
+        from .sd3 import _SD3Export
+
+        exp = _SD3Export(model, scheduler, self)
+        self.source_folders = {"vae": self.source} if self.source is not None else {}
+        return exp
+
+
+def build_latent_encoder(cfg, device, dtype=torch.float32):
+    """The dit family's encoders: None (pixels) unless ``pretrained_vae_model_name_or_path`` is set."""
+    if cfg.pretrained_vae_model_name_or_path is None:
+        return None
+    if cfg.cache_latents:
+        raise ConfigError("cache_latents is not supported for dit yet; leave it off")
+    from .latent import _sub, load_vae
+
+    src = _sub(Path(cfg.pretrained_vae_model_name_or_path), "vae")
+    return LatentEncoder(load_vae(cfg.pretrained_vae_model_name_or_path), sample_mode=cfg.vae_sample_mode,
+                         device=device, dtype=dtype, source=src)
+
+
 # --- depth pruning ---------------------------------------------------------------------------
 
 def uniform_layers(depth: int, k: int) -> list[int]:
@@ -368,7 +423,10 @@ def sample_grid(tr):
             uncond = {"label": torch.tensor([tr.family.null_class(mcfg)])}
             images = sample_images(tr.family, model, tr.noise_scheduler, len(labels), tr.sample_shape, seed=cfg.seed,
                                    num_inference_steps=cfg.ddpm_num_inference_steps, batch_size=64, device=tr.device,
-                                   cond=cond, uncond=uncond, guidance_scale=cfg.guidance_scale)
+                                   cond=cond, uncond=uncond, guidance_scale=cfg.guidance_scale,
+                                   clamp=tr.encoders is None)
+            if tr.encoders is not None:  # latent DiT: decode with the run's VAE
+                images = tr.encoders.decode(images).cpu()
         elif tr.encoders is not None:  # prompts (sd3, or unet2d_condition trained with flow matching)
             from .finish import validation_prompts
 
@@ -399,7 +457,7 @@ def load_and_sample(path, labels: Tensor | None = None, *, num_images: int | Non
     families take ``cond`` / ``uncond`` (sd3: prompt embeddings, one row per image)."""
     from .sampling import load_for_sampling
 
-    family, model, sched_cfg, _ = load_for_sampling(path)
+    family, model, sched_cfg, model_dir = load_for_sampling(path)
     scheduler = scheduler_from_config(sched_cfg)
     shape = family.sample_shape(dict(model.config), sample_size)
     if cond is not None and num_images is None:
@@ -410,7 +468,12 @@ def load_and_sample(path, labels: Tensor | None = None, *, num_images: int | Non
             raise ValueError("a dit model samples per class: pass labels (one per image)")
         cond, uncond = {"label": labels.long()}, {"label": torch.tensor([null])}
         num_images = len(labels)
+    vae = Path(model_dir) / "vae"
     images = sample_images(family, model, scheduler, num_images, shape, seed=seed,
                            num_inference_steps=num_inference_steps, batch_size=batch_size, cond=cond, uncond=uncond,
-                           guidance_scale=guidance_scale)
+                           guidance_scale=guidance_scale, clamp=not vae.is_dir())
+    if vae.is_dir():  # a latent model exported with its VAE
+        from .latent import load_vae
+
+        images = LatentEncoder(load_vae(vae)).decode(images)
     return images, scheduler

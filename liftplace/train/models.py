@@ -272,6 +272,16 @@ class DiTFamily(_TransformerFamily):
     def null_class(self, config: dict) -> int:
         return int(config["num_embeds_ada_norm"])
 
+    def build_encoders(self, cfg, device, dtype):
+        from .dit import build_latent_encoder
+
+        return build_latent_encoder(cfg, device, dtype)
+
+    def model_resolution(self, cfg) -> int:
+        from .sd3 import sd3_model_resolution  # the VAE's factor when latent, else the pixels
+
+        return sd3_model_resolution(cfg)
+
     def drop_condition(self, cond, generator, prob, config):
         from .dit import drop_labels
 

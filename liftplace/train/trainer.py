@@ -221,7 +221,8 @@ class Trainer:
         if self._dataset_in is not None:
             self.dataset = self._dataset_in
         elif self.encoders is not None:
-            self.dataset = build_dataset(cfg, self.encoders.pixel_channels, captioned=True)
+            self.dataset = build_dataset(cfg, self.encoders.pixel_channels,
+                                         captioned=getattr(self.encoders, "captioned", True))
         else:
             self.dataset = build_dataset(cfg, shape[0])
         if cfg.cache_latents:
