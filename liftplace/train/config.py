@@ -92,8 +92,8 @@ class TrainConfig:
         "(default 1); up stage i keeps D(K+1-i)+1 layers, the first D and the teacher's last. "
         "bk_small = custom:down=1,1,1,1;mid=0 for a 4-stage teacher.", "model")
     pretrained_vae_model_name_or_path: str | None = _f(
-        None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder).",
-        "model")
+        None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder); "
+        "dit / sd3: train on this VAE's latents (default: pixels).", "model")
     text_encoder_path: str | None = _f(
         None, "unet2d_condition: a folder with text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer), "
         "e.g. a pipeline folder (default: the teacher's pipeline folder). Frozen.", "model")
