@@ -311,3 +311,22 @@ def test_latent_dit_round_trip(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "cli" / "000000.png").size == (16, 16)
+
+
+def test_teacher_scheduler_must_match_the_objective(tmp_path):
+    """A flow-trained teacher folder refuses a DDPM run (the dit default) and the other way round."""
+    r = Trainer(make_config(tmp_path / "t", teacher_config=DIT_FLOW, objective="flow", student_depth=None,
+                            kd_loss="none", student_config=DIT_FLOW), role="teacher").train()
+    with pytest.raises(ConfigError, match="--objective flow"):
+        Trainer(make_config(tmp_path / "s", teacher_config=None, pretrained_model_name_or_path=str(r.model_dir),
+                            model_type="dit")).setup()
+    Trainer(make_config(tmp_path / "s2", teacher_config=None, pretrained_model_name_or_path=str(r.model_dir),
+                        model_type="dit", objective="flow")).setup()
+
+
+def test_learned_sigma_teacher_plain_student(tmp_path):
+    """A learned-sigma teacher distils into a student without learned sigma (its prediction half)."""
+    tr = Trainer(make_config(tmp_path, student_depth=None, student_config=DIT_FLOW)).setup()
+    clean, cond = batch_of(tr)
+    out = tr.loss_fn(clean, cond, torch.Generator().manual_seed(0), 0)
+    assert math.isfinite(float(out.loss)) and "vb_loss" not in out.terms

@@ -35,9 +35,10 @@ def check_teacher_schedule(cfg: TrainConfig, model_dir: Path) -> None:
         return
     saved = json.loads(path.read_text())
     flow_teacher = str(saved.get("_class_name", "")).startswith("FlowMatch")
-    if cfg.objective is not None and flow_teacher != (cfg.objective == "flow"):
+    objective = cfg.objective or ("flow" if cfg.model_type == "sd3" else "ddpm")  # the family's default
+    if flow_teacher != (objective == "flow"):
         raise ConfigError(f"the teacher was trained with {saved.get('_class_name')} ({path}) but this run uses "
-                          f"objective={cfg.objective}; pass --objective {'flow' if flow_teacher else 'ddpm'}")
+                          f"objective={objective}; pass --objective {'flow' if flow_teacher else 'ddpm'}")
     if flow_teacher:
         return
     for key, mine in (("prediction_type", cfg.prediction_type), ("num_train_timesteps", cfg.ddpm_num_steps),

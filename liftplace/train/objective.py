@@ -305,8 +305,8 @@ class DistillationLoss:
         """The teacher's prediction (its mean half for a learned-sigma model)."""
         with torch.no_grad():
             out = self.family.forward(self.teacher, noisy.to(self.teacher_dtype), timesteps, cond)
-        if self.learned_sigma:
-            out = out[:, :noisy.shape[1]]
+        if out.shape[1] != noisy.shape[1] and self.family.learned_sigma(dict(self.teacher.config)):
+            out = out[:, :noisy.shape[1]]  # a learned-sigma teacher: its prediction half
         return out.float()
 
     def __call__(self, clean: Tensor, cond: dict, generator: torch.Generator, step: int,
