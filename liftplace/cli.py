@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="torch device. Default: cuda when available, else cpu.")
     p.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                    help="Text-to-image pipeline folders: a prompt (repeat for several; --num_images per prompt).")
+    p.add_argument("--class_labels", type=int, nargs="+", default=None, metavar="K",
+                   help="dit models: the class of each image (cycled over --num_images; default 0..9 cycled); "
+                        "guided by --guidance_scale against the null class.")
     p.add_argument("--guidance_scale", type=float, default=7.5,
                    help="Classifier-free guidance scale with --prompt (1: none). Default: 7.5.")
 
@@ -175,6 +178,30 @@ def _sample_command(args) -> int:
                                args.prompt, images_per_prompt=args.num_images, guidance_scale=args.guidance_scale,
                                seed=args.seed, num_inference_steps=args.num_inference_steps, eta=args.eta,
                                batch_size=args.batch_size, device=device, progress=True)
+    elif family.name == "dit" or str(sched_cfg.get("_class_name", "")).startswith("FlowMatch"):
+        # class-conditional DiT and flow-matching models: the sampler of the scheduler they were trained with
+        from .train.dit import sample_images, scheduler_from_config
+
+        if args.prompt:
+            raise ValueError(f"--prompt: the model in {model_dir} is not text-conditional")
+        cond = uncond = None
+        if family.name == "dit":
+            k = family.null_class(dict(model.config))
+            pool = args.class_labels or list(range(min(k, 10)))
+            if any(not 0 <= c < k for c in pool):
+                raise ValueError(f"--class_labels must be in [0, {k}) for this model (num_embeds_ada_norm={k})")
+            cond = {"label": torch.tensor([pool[i % len(pool)] for i in range(args.num_images)])}
+            uncond = {"label": torch.tensor([k])}
+        images = sample_images(family, model, scheduler_from_config(sched_cfg), args.num_images,
+                               family.sample_shape(dict(model.config)), seed=args.seed,
+                               num_inference_steps=args.num_inference_steps, batch_size=args.batch_size,
+                               device=device, cond=cond, uncond=uncond, guidance_scale=args.guidance_scale,
+                               clamp=not (model_dir / "vae").is_dir())
+        if (model_dir / "vae").is_dir():  # a latent DiT exported with its VAE
+            from .train.dit import LatentEncoder
+            from .train.latent import load_vae
+
+            images = LatentEncoder(load_vae(model_dir / "vae"), device=device).decode(images).cpu()
     else:
         if args.prompt:
             raise ValueError(f"--prompt: the model in {model_dir} is not text-conditional")

@@ -59,6 +59,7 @@ class LiftPlaceOptions:
     num_buckets: int | None = None
     t_max: float | None = None
     bucket_ema: float | None = 0.9
+    channel_dim: int = 1
 
     def __post_init__(self):
         _choice("grouping", self.grouping, GROUPINGS)
@@ -80,6 +81,9 @@ class LiftPlaceOptions:
             raise ValueError('weight="adaptive-timestep" needs num_buckets= and t_max= (and timesteps= per call)')
         if self.bucket_ema is not None and (not _is_real(self.bucket_ema) or not 0.0 <= self.bucket_ema < 1.0):
             raise ValueError(f"bucket_ema must be in [0, 1) or None (no smoothing), got {self.bucket_ema!r}")
+        if isinstance(self.channel_dim, bool) or not isinstance(self.channel_dim, int):
+            raise TypeError(f"channel_dim must be an int (1 for [B, C, *S], -1 for tokens [B, N, D]),"
+                            f" got {self.channel_dim!r}")
 
     @property
     def buckets(self) -> bool:
@@ -146,6 +150,31 @@ def _check_tensors(student, teacher) -> None:
         )
     if student.numel() == 0:
         raise ValueError(f"student and teacher are empty (shape {list(student.shape)})")
+
+
+def _channels_first(student: Tensor, teacher: Tensor, opts: LiftPlaceOptions):
+    """Move the axis ``channel_dim`` to position 1 (a view; ``_fit`` makes the one copy).
+
+    Tokens ``[B, N, D]`` with ``channel_dim=-1`` become ``[B, D, N]``: each PLACE row is one
+    feature channel ``d`` over all ``N`` tokens of a sample (METHOD.md, "Token layouts").
+    The kernels read contiguous rows, and a channel of a token tensor is strided (stride
+    ``D``), so the rows are gathered by one copy per input: exactly the copy the caller
+    would make with ``x.transpose(1, 2).contiguous()``.
+    """
+    cd = opts.channel_dim
+    ndim = student.dim()
+    if not -ndim <= cd < ndim or cd % ndim == 0:
+        raise ValueError(f"channel_dim={cd} must name a non-batch axis of the {ndim}-d inputs"
+                         f" {list(student.shape)} (1..{ndim - 1} or -{ndim - 1}..-1); 1 is [B, C, *S],"
+                         " -1 is tokens [B, N, D]")
+    cd %= ndim
+    if cd == 1:
+        return student, teacher
+    if opts.grouping == "patch" and ndim == 3:
+        raise ValueError(f"grouping='patch' tiles a 2-D grid [B, C, H, W]; tokens {list(student.shape)} with"
+                         f" channel_dim={opts.channel_dim} have none. Use grouping='error' or 'global' on"
+                         " tokens, or un-patchify them to [B, C, H, W] first")
+    return student.movedim(cd, 1), teacher.movedim(cd, 1)
 
 
 def _layout(shape: torch.Size, opts: LiftPlaceOptions) -> _Layout:
@@ -229,6 +258,7 @@ def lift_place_loss(
     t_max: float | None = None,
     bucket_state: dict | None = None,
     bucket_ema: float | None = 0.9,
+    channel_dim: int = 1,
 ):
     """LIFT/PLACE distillation loss between student and teacher outputs (METHOD.md §3–§5).
 
@@ -263,6 +293,12 @@ def lift_place_loss(
         bucket_state, bucket_ema: a dict of tensors ``{"absdev": [K], "seen": [K] bool}``
             updated in place with an EMA of each bucket's mean ``|a-1| + |b|`` (what
             :class:`LiftPlaceLoss` keeps as buffers); ``None`` (either) uses the batch alone.
+        channel_dim: the axis holding the channels: ``1`` (default, ``[B, C, *S]``) or, for
+            transformer tokens ``[B, N, D]``, ``-1`` (or 2). The result equals the call on
+            ``x.movedim(channel_dim, 1)`` in value and gradient: a PLACE row is one channel
+            over every other non-batch position (for tokens, one feature over all tokens).
+            Rows of a non-channel-first layout are strided, so they are gathered by one copy
+            of each input. ``grouping="patch"`` on tokens is an error (they have no 2-D grid).
 
     Returns:
         A scalar tensor (float32, or float64 for float64 inputs); with ``return_stats``,
@@ -277,12 +313,14 @@ def lift_place_loss(
                             weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
                             check_finite=check_finite, return_stats=return_stats,
                             num_buckets=num_buckets if timesteps is not None else None,
-                            t_max=t_max if timesteps is not None else None, bucket_ema=bucket_ema)
+                            t_max=t_max if timesteps is not None else None, bucket_ema=bucket_ema,
+                            channel_dim=channel_dim)
     return _loss(student, teacher, opts, step, total_steps, timesteps, bucket_state)
 
 
 def _loss(student, teacher, opts: LiftPlaceOptions, step, total_steps, timesteps, bucket_state):
     _check_progress(opts.weight, step, total_steps)
+    student, teacher = _channels_first(student, teacher, opts)
     lay = _layout(student.shape, opts)
     if timesteps is not None:
         check_timesteps(timesteps, lay.B, opts.t_max, student.device, sync=opts.check_finite)
@@ -449,13 +487,15 @@ def _bucket_weights(rows: Tensor, lay: _Layout, timesteps: Tensor, opts: LiftPla
 
 
 def fit_groups(student: Tensor, teacher: Tensor, *, group_size: int = _DEFAULT_GROUP_SIZE,
-               grouping: str = "error", eps: float = 1e-7):
+               grouping: str = "error", eps: float = 1e-7, channel_dim: int = 1):
     """Per-group least-squares fit ``teacher ≈ slope·student + intercept``.
 
-    Returns ``(slope, intercept)``, each ``[B, C, G]``; differentiable on both backends.
+    Returns ``(slope, intercept)``, each ``[B, C, G]`` (``C`` the size of ``channel_dim``);
+    differentiable on both backends.
     """
     _check_tensors(student, teacher)
-    opts = LiftPlaceOptions(group_size=group_size, grouping=grouping, eps=eps)
+    opts = LiftPlaceOptions(group_size=group_size, grouping=grouping, eps=eps, channel_dim=channel_dim)
+    student, teacher = _channels_first(student, teacher, opts)
     lay = _layout(student.shape, opts)
     slope, intercept, _ = _fit(student, teacher, opts, lay)
     return slope.reshape(lay.B, lay.C, lay.G), intercept.reshape(lay.B, lay.C, lay.G)
@@ -467,7 +507,8 @@ class LiftPlaceLoss(nn.Module):
 
     ``forward(student, teacher, step=None, total_steps=None, timesteps=None)`` — ``step`` is
     needed only for the ``"linear"`` / ``"cosine"`` weight schedules, ``timesteps`` only
-    when built with ``num_buckets``. With buckets, each bucket's mean ``|a-1| + |b|`` is
+    when built with ``num_buckets``. ``channel_dim=-1`` reads token outputs ``[B, N, D]``
+    (see :func:`lift_place_loss`). With buckets, each bucket's mean ``|a-1| + |b|`` is
     smoothed across steps (``bucket_ema``; ``None`` turns it off) in buffers that go into
     ``state_dict()``; the EMA is updated in training mode only.
     """
@@ -477,7 +518,7 @@ class LiftPlaceLoss(nn.Module):
                  coarse_weight: str = "constant", eps: float = 1e-7, total_steps: int | None = None,
                  check_finite: bool = False, return_stats: bool = False,
                  num_buckets: int | None = None, t_max: float | None = None,
-                 bucket_ema: float | None = 0.9):
+                 bucket_ema: float | None = 0.9, channel_dim: int = 1):
         super().__init__()
         if weight == "adaptive-timestep" and num_buckets is None:
             raise ValueError('weight="adaptive-timestep" needs num_buckets= and t_max= at construction')
@@ -486,7 +527,8 @@ class LiftPlaceLoss(nn.Module):
         self.options = LiftPlaceOptions(group_size=group_size, grouping=grouping, norm=norm, reduction=reduction,
                                         weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
                                         check_finite=check_finite, return_stats=return_stats,
-                                        num_buckets=num_buckets, t_max=t_max, bucket_ema=bucket_ema)
+                                        num_buckets=num_buckets, t_max=t_max, bucket_ema=bucket_ema,
+                                        channel_dim=channel_dim)
         _check_number("total_steps", total_steps)
         if total_steps is not None and total_steps <= 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
@@ -523,4 +565,5 @@ class LiftPlaceLoss(nn.Module):
                      total_steps if total_steps is not None else self.total_steps, timesteps, state)
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items() if v is not None)
+        return ", ".join(f"{k}={v!r}" for k, v in asdict(self.options).items()
+                         if v is not None and not (k == "channel_dim" and v == 1))

@@ -194,3 +194,29 @@ def test_conditional_family_is_measured_with_zero_conditioning(tmp_path, capsys)
     rec = json.loads(out.read_text())
     assert rec["protocol"]["conditioning"] == {"student": {"encoder_hidden_states": "zeros [1, 77, 16]"}}
     assert rec["models"]["student"]["macs_per_call"] > 0
+
+
+@pytest.mark.parametrize("name", ["dit", "sd3"])
+def test_transformer_families_are_measured_with_their_conditioning(name):
+    """dit (class labels) and sd3 (prompt embeddings + pooled projections): MACs, memory and a
+    full sample with the family's example conditioning; sd3's attention MACs grow with the text."""
+    from diffusers import DiTTransformer2DModel, SD3Transformer2DModel
+
+    from liftplace.train.models import get_family
+    from test_dit import DIT
+    from test_dit_sd3 import SD3
+
+    family = get_family(name)
+    cls, cfg = (DiTTransformer2DModel, DIT) if name == "dit" else (SD3Transformer2DModel, SD3)
+    torch.manual_seed(0)
+    model = cls(**{k: v for k, v in cfg.items() if not k.startswith("_")}).eval()
+    shape = family.sample_shape(dict(model.config))
+    cost = model_cost(model, family, shape, batch_size=2, repeats=1, scheduler=DDIMScheduler(num_train_timesteps=100),
+                      num_inference_steps=2)
+    assert cost.macs_per_call > 0 and cost.latency_per_sample_s > 0 and cost.peak_memory_bytes > 0
+    if name == "sd3":
+        x, t = torch.randn(2, *shape), torch.full((2,), 10)
+        macs = [count_macs(model, x, t, family=family,
+                           cond=family.example_cond(dict(model.config), 2, "cpu", torch.float32, tokens=n))[0]
+                for n in (4, 32)]
+        assert macs[1] > macs[0]

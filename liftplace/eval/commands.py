@@ -83,6 +83,9 @@ def add_eval_parsers(sub, formatter) -> None:
     p.add_argument("--batch_size", type=int, default=64, metavar="B", help="Sampling batch. Default: 64.")
     p.add_argument("--num_inference_steps", type=int, default=50, metavar="STEPS", help="DDIM steps. Default: 50.")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta. Default: 0.")
+    p.add_argument("--guidance_scale", type=float, default=1.0,
+                   help="Class-conditional DiT --model: guidance against the null class (image i has class i % K). "
+                        "Default: 1 (no guidance).")
     p.add_argument("--seed", type=int, default=0, help="Seed of image 0 (image i uses seed + i). Default: 0.")
     p.add_argument("--kid_subsets", type=int, default=100, metavar="K", help="KID subsets. Default: 100.")
     p.add_argument("--kid_subset_size", type=int, default=1000, metavar="M", help="KID subset size. Default: 1000.")
@@ -119,7 +122,8 @@ def eval_command(args) -> int:
                    output_dir=args.output_dir, inception_weights=args.inception_weights, clip_model=args.clip_model,
                    prompts=args.prompts, num_images=args.num_images,
                    batch_size=args.batch_size, num_inference_steps=args.num_inference_steps, eta=args.eta,
-                   seed=args.seed, samples_dir=args.samples_dir, device=args.device, kid_subsets=args.kid_subsets,
+                   seed=args.seed, samples_dir=args.samples_dir, device=args.device,
+                   guidance_scale=args.guidance_scale, kid_subsets=args.kid_subsets,
                    kid_subset_size=args.kid_subset_size, save_reference_stats=args.save_reference_stats,
                    allow_small_n=args.allow_small_n, precision_recall_k=args.precision_recall)
     p = rec["protocol"]
@@ -149,15 +153,16 @@ def train_classifier_command(args) -> int:
 def cost_command(args) -> int:
     import torch
 
-    from ..train.sampling import ddim_scheduler_from, load_for_sampling
-    from .cost import compare_cost, format_cost, model_cost
+    from ..train.dit import scheduler_from_config
+    from ..train.sampling import load_for_sampling
+    from .cost import compare_cost, format_cost, model_cost, sampler_name
 
     if args.teacher is None and args.student is None:
         raise ValueError("nothing to measure: pass --student PATH and/or --teacher PATH")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    costs, shapes, sources, conds = {}, {}, {}, {}
+    costs, shapes, sources, conds, samplers = {}, {}, {}, {}, {}
     for role in ("teacher", "student"):
         path = getattr(args, role)
         if path is None:
@@ -165,11 +170,13 @@ def cost_command(args) -> int:
         family, model, sched_cfg, model_dir = load_for_sampling(path)
         shape = family.sample_shape(dict(model.config), args.resolution)
         shapes[role], sources[role] = shape, str(model_dir)
+        scheduler = scheduler_from_config(sched_cfg)
+        samplers[role] = sampler_name(scheduler)
         conds[role] = {k: list(v.shape) for k, v in family.example_cond(dict(model.config), args.batch_size, "cpu",
                                                                         torch.float32).items()}
         costs[role] = model_cost(model, family, shape, name=role, batch_size=args.batch_size, device=device,
                                  dtype=args.dtype, num_inference_steps=args.num_inference_steps,
-                                 scheduler=ddim_scheduler_from(sched_cfg), repeats=args.repeats)
+                                 scheduler=scheduler, repeats=args.repeats)
     if len(set(shapes.values())) > 1:
         raise ValueError(f"teacher and student sample shapes differ: {shapes}; they must denoise the same input")
     protocol = {"command": "liftplace cost", "models": sources, "device": device,
@@ -178,7 +185,7 @@ def cost_command(args) -> int:
                 "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
                 "batch_size": args.batch_size, "sample_shape": list(next(iter(shapes.values()))),
                 "num_inference_steps": args.num_inference_steps, "repeats": args.repeats,
-                "sampler": "DDIM (eta 0)",
+                "sampler": samplers if len(set(samplers.values())) > 1 else next(iter(samplers.values())),
                 "conditioning": ({role: {k: f"zeros {shape}" for k, shape in c.items()} for role, c in conds.items()}
                                  if any(conds.values()) else None),
                 "measures": "the denoiser alone (text encoders and VAE decoding are not included)"}

@@ -171,7 +171,7 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
     (its training mode is restored). ``device``/``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``)
     move or cast the model in place (``None``: keep its own). With a ``scheduler`` a full DDIM
     sample of ``num_inference_steps`` steps is timed too."""
-    from ..train.sampling import ddim_sample
+    from ..train.dit import sample_images
 
     for key, v in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps),
                    ("repeats", repeats), ("sample_repeats", sample_repeats)):
@@ -201,9 +201,10 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
         per_call = _timed(lambda: _call(family, model, x, t, cond), device, warmup, repeats)
         per_sample = 0.0
         if scheduler is not None:
-            run = lambda: ddim_sample(family, model, scheduler, batch_size, sample_shape,  # noqa: E731
-                                      num_inference_steps=num_inference_steps, batch_size=batch_size,
-                                      device=device, cond=cond or None)
+            # the sampler of the model's scheduler: DDIM, flow-matching Euler, or DDPM with learned variance
+            run = lambda: sample_images(family, model, scheduler, batch_size, sample_shape,  # noqa: E731
+                                        num_inference_steps=num_inference_steps, batch_size=batch_size,
+                                        device=device, cond=cond or None)
             per_sample = _timed(run, device, 0, sample_repeats)
     finally:
         model.train(was_training)
@@ -212,6 +213,15 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
                      parameter_bytes=sum(q.numel() * q.element_size() for q in model.parameters()),
                      macs_per_call=macs, peak_memory_bytes=peak, peak_memory_method=method,
                      latency_per_call_s=per_call, latency_per_sample_s=per_sample, blocks=blocks)
+
+
+def sampler_name(scheduler) -> str:
+    """The sampler :func:`~liftplace.train.dit.sample_images` runs for ``scheduler``."""
+    if type(scheduler).__name__.startswith("FlowMatch"):
+        return f"flow-matching Euler ({type(scheduler).__name__})"
+    if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+        return "DDPM ancestral with the learned variance"
+    return "DDIM (eta 0)"
 
 
 def compare_cost(teacher: ModelCost | None, student: ModelCost, protocol: dict) -> dict:

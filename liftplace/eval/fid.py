@@ -186,28 +186,47 @@ def make_extractor(spec: str, *, inception_weights=None, device="cpu"):
 # --- generated images -----------------------------------------------------------------------------
 
 def generate_samples(model_path, samples_dir, num_images: int, *, batch_size: int = 64, num_inference_steps: int = 50,
-                     eta: float = 0.0, seed: int = 0, device=None, progress: bool = True) -> dict:
-    """Sample images ``000000.png`` ... into ``samples_dir`` with DDIM, keeping those already
-    there (a resumed run draws only the missing ones). ``samples.json`` records the settings;
-    a folder made with other settings is refused. Returns that record."""
+                     eta: float = 0.0, seed: int = 0, device=None, progress: bool = True,
+                     guidance_scale: float = 1.0) -> dict:
+    """Sample images ``000000.png`` ... into ``samples_dir``, keeping those already there (a
+    resumed run draws only the missing ones). Unconditional models: DDIM (or the sampler of
+    their flow-matching / learned-variance scheduler). Class-conditional DiTs: image ``i`` has
+    class ``i % K`` (balanced classes), guided by ``guidance_scale`` against the null class.
+    ``samples.json`` records the settings; a folder made with other settings is refused.
+    Returns that record."""
+    from ..train.dit import LatentEncoder, sample_images, scheduler_from_config
     from ..train.sampling import ddim_sample, ddim_scheduler_from, load_for_sampling, save_images
+    from .cost import sampler_name
 
     for key, v in (("num_images", num_images), ("batch_size", batch_size), ("num_inference_steps",
                                                                           num_inference_steps)):
         if v < 1:
             raise ValueError(f"--{key} must be >= 1, got {v}")
     family, model, sched_cfg, model_dir = load_for_sampling(model_path)
-    _check_unconditional(family)
+    labelled = family.name == "dit"
+    if not labelled:
+        _check_unconditional(family)
+    scheduler = scheduler_from_config(sched_cfg)
+    plain_ddim = not labelled and sampler_name(scheduler).startswith("DDIM")
+    if eta != 0.0 and not plain_ddim:
+        raise ValueError(f"--eta {eta}: this model samples with {sampler_name(scheduler)}, which has no eta; "
+                         "leave --eta at 0")
+    if guidance_scale != 1.0 and not labelled:
+        raise ValueError(f"--guidance_scale {guidance_scale}: the {family.name} model in {model_dir} is "
+                         "unconditional; leave it at 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     samples_dir = Path(samples_dir)
-    record = {"model": str(model_path), "model_dir": str(model_dir), "sampler": "DDIM",
-              "num_inference_steps": num_inference_steps, "eta": eta, "guidance": None, "seed": seed,
-              "seed_policy": SEED_POLICY}
+    num_classes = family.null_class(dict(model.config)) if labelled else None
+    record = {"model": str(model_path), "model_dir": str(model_dir),
+              "sampler": "DDIM" if plain_ddim else sampler_name(scheduler),  # DDIM's eta is its own field
+              "num_inference_steps": num_inference_steps, "eta": eta,
+              "guidance": guidance_scale if labelled else None, "seed": seed, "seed_policy": SEED_POLICY,
+              "class_labels": f"image i has class i % {num_classes}" if labelled else None}
     rec_path = samples_dir / "samples.json"
     if rec_path.is_file():
         old = json.loads(rec_path.read_text())
-        if any(old.get(k) != record[k] for k in ("model_dir", "num_inference_steps", "eta", "seed")):
+        if any(old.get(k) != record[k] for k in ("model_dir", "num_inference_steps", "eta", "seed", "guidance")):
             raise ValueError(f"{samples_dir} holds samples made with other settings ({rec_path}: {old}); "
                              "pass another --samples_dir or delete that folder")
     samples_dir.mkdir(parents=True, exist_ok=True)
@@ -221,6 +240,7 @@ def generate_samples(model_path, samples_dir, num_images: int, *, batch_size: in
         bar = tqdm(total=len(missing), desc="sampling", unit="img")
     shape = family.sample_shape(dict(model.config))
     sched = ddim_scheduler_from(sched_cfg)
+    vae = LatentEncoder(_load_vae(model_dir / "vae"), device=device) if (model_dir / "vae").is_dir() else None
     for run in runs:
         # a batch of consecutive indices from the missing list: split where indices jump
         groups, start = [], 0
@@ -229,8 +249,20 @@ def generate_samples(model_path, samples_dir, num_images: int, *, batch_size: in
                 groups.append(run[start:j])
                 start = j
         for g in groups:
-            images = ddim_sample(family, model, sched, len(g), shape, seed=seed + g[0],
-                                 num_inference_steps=num_inference_steps, eta=eta, batch_size=len(g), device=device)
+            if plain_ddim:
+                images = ddim_sample(family, model, sched, len(g), shape, seed=seed + g[0],
+                                     num_inference_steps=num_inference_steps, eta=eta, batch_size=len(g),
+                                     device=device)
+            else:
+                cond = uncond = None
+                if labelled:
+                    cond = {"label": torch.tensor([i % num_classes for i in g])}
+                    uncond = {"label": torch.tensor([num_classes])}
+                images = sample_images(family, model, scheduler, len(g), shape, seed=seed + g[0],
+                                       num_inference_steps=num_inference_steps, batch_size=len(g), device=device,
+                                       cond=cond, uncond=uncond, guidance_scale=guidance_scale, clamp=vae is None)
+                if vae is not None:  # a latent DiT exported with its VAE
+                    images = vae.decode(images).cpu().clamp(-1, 1)
             save_images(images, samples_dir, first_index=g[0])
         if bar is not None:
             bar.update(len(run))
@@ -238,6 +270,12 @@ def generate_samples(model_path, samples_dir, num_images: int, *, batch_size: in
         bar.close()
     record["reused"] = num_images - len(missing)
     return record
+
+
+def _load_vae(path):
+    from ..train.latent import load_vae
+
+    return load_vae(path)
 
 
 # --- the evaluation -------------------------------------------------------------------------------
@@ -287,7 +325,8 @@ def _versions() -> dict:
 def evaluate(*, images=None, model=None, reference: str | None = None, features: str | None = None, output_dir,
              inception_weights=None, clip_model=None, prompts=None,
              num_images: int = 1000, batch_size: int = 64, num_inference_steps: int = 50, eta: float = 0.0,
-             seed: int = 0, samples_dir=None, device=None, kid_subsets: int = 100, kid_subset_size: int = 1000,
+             seed: int = 0, samples_dir=None, device=None, guidance_scale: float = 1.0, kid_subsets: int = 100,
+             kid_subset_size: int = 1000,
              reference_limit: int | None = None, save_reference_stats=None, allow_small_n: bool = False,
              precision_recall_k: int | None = None) -> dict:
     """Score ``images`` (a folder) or ``model`` (sampled first): the Fréchet distance (and KID)
@@ -317,7 +356,8 @@ def evaluate(*, images=None, model=None, reference: str | None = None, features:
     if model is not None:
         samples_dir = Path(samples_dir) if samples_dir else output_dir / "samples"
         generated = generate_samples(model, samples_dir, num_images, batch_size=batch_size,
-                                     num_inference_steps=num_inference_steps, eta=eta, seed=seed, device=device)
+                                     num_inference_steps=num_inference_steps, eta=eta, seed=seed, device=device,
+                                     guidance_scale=guidance_scale)
         generated.update(source="model", samples_dir=str(samples_dir))
         images = samples_dir
     u8 = load_images(images, limit=num_images if model is not None else None, what="generated images")

@@ -34,6 +34,13 @@ def check_teacher_schedule(cfg: TrainConfig, model_dir: Path) -> None:
     if path is None:
         return
     saved = json.loads(path.read_text())
+    flow_teacher = str(saved.get("_class_name", "")).startswith("FlowMatch")
+    objective = cfg.objective or ("flow" if cfg.model_type == "sd3" else "ddpm")  # the family's default
+    if flow_teacher != (objective == "flow"):
+        raise ConfigError(f"the teacher was trained with {saved.get('_class_name')} ({path}) but this run uses "
+                          f"objective={objective}; pass --objective {'flow' if flow_teacher else 'ddpm'}")
+    if flow_teacher:
+        return
     for key, mine in (("prediction_type", cfg.prediction_type), ("num_train_timesteps", cfg.ddpm_num_steps),
                       ("beta_schedule", cfg.ddpm_beta_schedule)):
         if key in saved and saved[key] != mine:
@@ -82,6 +89,12 @@ def build_student(cfg: TrainConfig, family: ModelFamily, device, teacher: nn.Mod
     s = given
     if s is None and cfg.student_model_name_or_path is not None:
         s = load_pretrained(cfg.student_model_name_or_path, family, "student (student_model_name_or_path)")
+    elif s is None and cfg.student_depth is not None:
+        if teacher is None or not hasattr(teacher, "transformer_blocks"):
+            raise ConfigError("student_depth keeps blocks of a transformer teacher (model_type dit or sd3): set one")
+        from .dit import build_depth_pruned_student
+
+        s = build_depth_pruned_student(cfg, family, teacher, device)
     elif s is None and cfg.student_arch is not None:
         if teacher is None:
             raise ConfigError(f"student_arch={cfg.student_arch} copies the teacher's weights: set a teacher")
@@ -135,4 +148,8 @@ def build_dataset(cfg: TrainConfig, channels: int, captioned: bool = False) -> D
     data = make_dataset(name, cfg.resolution, channels, split="train", seed=0, **extra)
     if cfg.max_train_samples is not None and cfg.max_train_samples < len(data):
         data = Subset(data, range(cfg.max_train_samples))
+    if cfg.model_type == "dit":  # class labels: class_column or class subfolders (dit.py)
+        from .dit import with_class_labels
+
+        data = with_class_labels(data, cfg, name)
     return data

@@ -19,7 +19,9 @@ from pathlib import Path
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 KD_LOSSES = ("place", "lift", "output", "none")
-MODEL_TYPES = ("auto", "unet2d", "unet2d_condition")
+MODEL_TYPES = ("auto", "unet2d", "unet2d_condition", "dit", "sd3")
+OBJECTIVES = ("ddpm", "flow")
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")  # diffusers' SD3 scripts
 # Presets: values applied under the file and the command line (defaults < preset < file < flags).
 PRESETS = {
     # BK-SDM's kd_train_text_to_image.py defaults and released scripts
@@ -54,7 +56,8 @@ class TrainConfig:
     # --- models ------------------------------------------------------------------------
     model_type: str = _f("auto", "Model family (the calling convention of teacher and student): auto = from the "
                          "teacher's config.json (_class_name), unet2d (UNet2DModel, pixels) or unet2d_condition "
-                         "(UNet2DConditionModel: VAE latents, CLIP prompt embeddings).", "model",
+                         "(UNet2DConditionModel: VAE latents, CLIP prompt embeddings), dit (DiTTransformer2DModel, class labels) or "
+                         "sd3 (SD3Transformer2DModel: flow matching, CLIP/T5 prompt embeddings).", "model",
                          choices=MODEL_TYPES)
     pretrained_model_name_or_path: str | None = _f(
         None, "Teacher: a local diffusers model folder (save_pretrained: config.json + weights) or a "
@@ -89,8 +92,8 @@ class TrainConfig:
         "(default 1); up stage i keeps D(K+1-i)+1 layers, the first D and the teacher's last. "
         "bk_small = custom:down=1,1,1,1;mid=0 for a 4-stage teacher.", "model")
     pretrained_vae_model_name_or_path: str | None = _f(
-        None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder).",
-        "model")
+        None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder); "
+        "dit / sd3: train on this VAE's latents (default: pixels).", "model")
     text_encoder_path: str | None = _f(
         None, "unet2d_condition: a folder with text_encoder/ (CLIPTextModel) and tokenizer/ (CLIPTokenizer), "
         "e.g. a pipeline folder (default: the teacher's pipeline folder). Frozen.", "model")
@@ -107,8 +110,9 @@ class TrainConfig:
                            "image file names, relative to the folder.", "data")
     caption_column: str = _f("text", "Captioned data: the column of captions.", "data")
     max_train_samples: int | None = _f(None, "Keep only the first this many training samples.", "data")
-    cond_drop_prob: float = _f(0.0, "unet2d_condition: probability of replacing a caption by the empty prompt "
-                               "(the null condition of classifier-free guidance).", "data")
+    cond_drop_prob: float = _f(0.0, "unet2d_condition / sd3: probability of replacing a caption by the empty prompt; "
+                               "dit: of replacing a class label by the null class (DiT uses 0.1): the null "
+                               "condition of classifier-free guidance.", "data")
     cache_latents: bool = _f(False, "unet2d_condition: encode every training image (and its mirror image, with "
                              "random_flip) with the VAE once and keep the posteriors on disk; the latents are still "
                              "drawn each step. The cache's manifest holds the VAE's hash and the data's, so a "
@@ -206,8 +210,8 @@ class TrainConfig:
                                     "log")
     validation_prompts: list[str] | None = _f(
         None, "unet2d_condition: prompts of the validation grids (default: the first training captions).", "log")
-    guidance_scale: float = _f(7.5, "unet2d_condition: classifier-free guidance scale of the validation "
-                               "grids (1: no guidance).", "log")
+    guidance_scale: float = _f(7.5, "unet2d_condition / dit / sd3: classifier-free guidance scale of the "
+                               "validation grids (1: no guidance).", "log")
     checkpointing_steps: int = _f(500, "Save a resumable checkpoint every this many steps (and at the end).",
                                   "log")
     checkpoints_total_limit: int | None = _f(None, "Keep only this many most recent checkpoints.", "log")
@@ -215,6 +219,43 @@ class TrainConfig:
     progress_bar: bool = _f(True, "Show a tqdm progress bar.", "log")
     export_dtype: str = _f("fp32", "Dtype of the final exported model's weights.", "log",
                            choices=("fp32", "fp16", "bf16"))
+
+    # --- transformers (dit, sd3), depth pruning and the flow-matching objective -------------
+    objective: str | None = _f(None, "Training objective: ddpm (DDPMScheduler; epsilon / v / sample targets by "
+                               "prediction_type) or flow (rectified flow: x_t = (1-sigma)*x_0 + sigma*noise, velocity "
+                               "target noise - x_0, FlowMatchEulerDiscreteScheduler); null: the family's own (flow for "
+                               "sd3, ddpm otherwise). The exported model carries the scheduler it was trained with.",
+                               "schedule", choices=OBJECTIVES)
+    weighting_scheme: str = _f("logit_normal", "objective=flow: timestep density (logit_normal, mode, else "
+                               "uniform) and loss weighting (sigma_sqrt, cosmap, else 1), as diffusers' SD3 training "
+                               "scripts.", "schedule", choices=WEIGHTING_SCHEMES)
+    logit_mean: float = _f(0.0, "objective=flow, weighting_scheme=logit_normal: mean of the logit-normal density.",
+                           "schedule")
+    logit_std: float = _f(1.0, "objective=flow, weighting_scheme=logit_normal: std of the logit-normal density.",
+                          "schedule")
+    mode_scale: float = _f(1.29, "objective=flow, weighting_scheme=mode: scale of the mode density.", "schedule")
+    flow_shift: float = _f(1.0, "objective=flow: the FlowMatchEulerDiscreteScheduler's shift (SD3 uses 3.0).",
+                           "schedule")
+    class_column: str | None = _f(None, "dit: the metadata.jsonl/.csv column of integer class labels of an image "
+                                  "folder; without it an image folder's labels are its class subfolders (sorted "
+                                  "names, 0..K-1); the digits data set has its own labels.", "data")
+    student_depth: int | None = _f(None, "dit/sd3: a depth-pruned student keeping this many of the teacher's "
+                                   "transformer blocks (chosen by layer_selection), their weights, the embedders "
+                                   "and the final layer copied from the teacher by name (TinyFusion's setting).",
+                                   "model")
+    layer_selection: str = _f("uniform", "student_depth: which teacher blocks to keep: uniform (evenly spaced), "
+                              "first (the first K), list:0,2,5,... (those blocks, in order) or score (the K blocks "
+                              "whose removal raises a calibration denoising loss on held-out batches most; the "
+                              "scores are printed).", "model")
+    layer_score_batches: int = _f(4, "layer_selection=score: held-out batches (of train_batch_size) of the "
+                                  "calibration loss.", "model")
+    max_sequence_length: int = _f(77, "sd3: T5 tokens (text_encoder_3, when used); with no T5 the joint sequence "
+                                  "is the CLIP tokens followed by this many zero tokens, as the SD3 pipeline.", "data")
+    prompt_embeds_path: str | None = _f(None, "sd3: a folder of cached prompt embeddings (prompt_embeds.safetensors "
+                                        "+ captions.json, from liftplace.train.sd3.cache_prompt_embeddings) used "
+                                        "instead of loading the text encoders.", "data")
+    use_t5: bool = _f(False, "sd3: use text_encoder_3 (T5) from text_encoder_path; false drops it (zeros in its "
+                      "place), as SD3 allows.", "data")
 
     # ----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -319,8 +360,36 @@ class TrainConfig:
         elif self.pretrained_model_name_or_path is None and self.teacher_config is None:
             raise ConfigError(f"kd_loss={self.kd_loss!r} needs a teacher: set pretrained_model_name_or_path "
                               "(a model folder) or teacher_config")
+        self._check_transformer_keys()
         self._check_output_dir()
         return self
+
+    def _check_transformer_keys(self) -> None:
+        if not (self.logit_std > 0 and math.isfinite(self.logit_std)):
+            raise ConfigError(f"logit_std must be a positive finite number, got {self.logit_std}")
+        for name in ("logit_mean", "mode_scale"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be finite, got {getattr(self, name)}")
+        if not (self.flow_shift > 0 and math.isfinite(self.flow_shift)):
+            raise ConfigError(f"flow_shift must be a positive finite number, got {self.flow_shift}")
+        if self.objective == "flow" and self.prediction_type != "epsilon":
+            raise ConfigError(f"objective=flow predicts the velocity noise - x_0; prediction_type="
+                              f"{self.prediction_type!r} is a DDPM setting: leave it at epsilon or use objective=ddpm")
+        if self.objective == "flow" and self.snr_gamma is not None:
+            raise ConfigError("snr_gamma (min-SNR weighting) is a DDPM weighting; with objective=flow use "
+                              "weighting_scheme (sigma_sqrt, cosmap) instead")
+        if self.layer_score_batches < 1:
+            raise ConfigError(f"layer_score_batches must be >= 1, got {self.layer_score_batches}")
+        if self.max_sequence_length < 1:
+            raise ConfigError(f"max_sequence_length must be >= 1, got {self.max_sequence_length}")
+        if self.student_depth is not None:
+            if self.student_depth < 1:
+                raise ConfigError(f"student_depth must be >= 1 (the transformer blocks the student keeps), "
+                                  f"got {self.student_depth}")
+            if any(v is not None for v in (self.student_arch, self.student_config, self.student_model_name_or_path)):
+                raise ConfigError("set only one of student_depth, student_arch, student_config and "
+                                  "student_model_name_or_path (the student)")
+        parse_layer_selection(self.layer_selection, self.student_depth)
 
     def _check_kd_shape(self) -> None:
         """group_size against the rows the KD loss sees: one channel of a resolution x resolution
@@ -489,6 +558,28 @@ def parse_student_arch(value: str) -> dict | None:
     if mid not in ("0", "1"):
         raise ConfigError(f"student_arch={value!r}: mid={mid!r} must be 1 (keep the mid block) or 0 (remove it)")
     return {"down": down, "mid": mid == "1"}
+
+
+def parse_layer_selection(value: str, depth: int | None = None):
+    """``("uniform"|"first"|"score", None)`` or ``("list", [i, ...])``; checks the syntax and, for a
+    list, that it names ``depth`` distinct blocks in increasing order (the teacher's range is
+    checked when the teacher is known)."""
+    if value in ("uniform", "first", "score"):
+        return value, None
+    if not isinstance(value, str) or not value.startswith("list:"):
+        raise ConfigError(f"layer_selection must be uniform, first, score or list:I,J,... (teacher block indices, "
+                          f"e.g. list:0,2,5); got {value!r}" + _suggest(str(value), ("uniform", "first", "score")))
+    try:
+        idx = [int(x) for x in value[len("list:"):].split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"layer_selection={value!r}: list: takes comma-separated integers, e.g. list:0,2,5") from None
+    if not idx or any(i < 0 for i in idx) or idx != sorted(set(idx)):
+        raise ConfigError(f"layer_selection={value!r}: the block indices must be distinct, >= 0 and increasing "
+                          "(the student keeps the teacher's order)")
+    if depth is not None and len(idx) != depth:
+        raise ConfigError(f"layer_selection={value!r} names {len(idx)} blocks but student_depth={depth}; give "
+                          f"{depth} indices or change student_depth")
+    return "list", idx
 
 
 def _coerce_mapping(mapping: dict, source: str) -> dict:

@@ -27,6 +27,12 @@ def sample_grid(tr: Trainer) -> Path | None:
     """A DDIM grid of ``num_validation_images`` from the (EMA) student: ``samples/step-<N>.png``.
     Latent text-to-image models: one row per validation prompt, guided by ``guidance_scale``
     and decoded by the VAE."""
+    if hasattr(tr.family, "sample_grid") or getattr(tr.objective, "kind", "ddpm") != "ddpm":
+        from .dit import sample_grid as transformer_grid  # dit / sd3 / flow-matching runs: their own sampler
+
+        if hasattr(tr.family, "sample_grid"):
+            return tr.family.sample_grid(tr)
+        return transformer_grid(tr)
     if not tr.accelerator.is_main_process:
         return None
     cfg = tr.cfg

@@ -3,9 +3,11 @@
 The training step never calls a model directly: it goes through a :class:`ModelFamily`,
 which knows the model class, how to call it on ``(noisy, timesteps, conditioning)``,
 which blocks carry features for feature KD, and how to derive a smaller student.
-Families: pixel ``UNet2DModel`` (``unet2d``) and text-conditional
+Families: pixel ``UNet2DModel`` (``unet2d``), text-conditional
 ``UNet2DConditionModel`` (``unet2d_condition``, the Stable Diffusion U-Net; its latents and
-prompt embeddings come from the frozen encoders of ``latent.py``).
+prompt embeddings come from the frozen encoders of ``latent.py``), class-conditional
+``DiTTransformer2DModel`` (``dit``, see ``dit.py``) and ``SD3Transformer2DModel`` (``sd3``,
+see ``sd3.py``).
 """
 
 from __future__ import annotations
@@ -81,6 +83,15 @@ class ModelFamily:
         """Conditioning of the shapes a call needs, for measuring a model (``liftplace cost``):
         zeros, which cost what real conditioning costs. ``{}`` for an unconditional family."""
         return {}
+
+    def learned_sigma(self, config: dict) -> bool:
+        """Whether the model outputs ``[mean | variance values]`` (DiT's ``out_channels = 2·in_channels``)."""
+        return False
+
+    def drop_condition(self, cond: dict, generator: torch.Generator, prob: float, config: dict) -> dict:
+        """Replace each sample's conditioning by the null condition with probability ``prob``
+        (classifier-free guidance), coins from ``generator``; the base family has none to drop."""
+        return cond
 
 
 class UNet2DFamily(ModelFamily):
@@ -220,7 +231,138 @@ class UNet2DConditionFamily(UNet2DFamily):
                                              layers_per_block=layers_per_block, norm_num_groups=norm_num_groups)
 
 
-FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily(), "unet2d_condition": UNet2DConditionFamily()}
+class _TransformerFamily(ModelFamily):
+    """Patchified transformers: blocks in ``transformer_blocks``, students by depth pruning."""
+
+    def sample_shape(self, config, resolution=None):
+        size = resolution or config.get("sample_size") or 32
+        return (int(config.get("in_channels", 4)), int(size), int(size))
+
+    def feature_points(self, model):
+        return {f"transformer_blocks.{i}": b for i, b in enumerate(model.transformer_blocks)}
+
+    def derive_student_config(self, teacher_config, **options):
+        raise ConfigError(f"model_type={self.name}: a student is derived from the teacher by depth pruning; set "
+                          "student_depth (and layer_selection), or give student_config / "
+                          "student_model_name_or_path")
+
+    def sample_grid(self, tr):
+        from .dit import sample_grid
+
+        return sample_grid(tr)
+
+
+class DiTFamily(_TransformerFamily):
+    """Class-conditional ``diffusers.DiTTransformer2DModel`` (pixels or latents), called with the
+    batch's integer ``label`` as ``class_labels``; the null class ``num_embeds_ada_norm`` is the
+    unconditional input of classifier-free guidance. ``out_channels = 2·in_channels`` is DiT's
+    learned sigma: the first ``in_channels`` are the prediction, the rest the variance values."""
+
+    name = "dit"
+    class_names = ("DiTTransformer2DModel",)
+    cond_keys = ("label",)
+
+    def model_class(self):
+        from diffusers import DiTTransformer2DModel
+
+        return DiTTransformer2DModel
+
+    def forward(self, model, noisy, timesteps, cond):
+        from .dit import label_dropout_off
+
+        labels = cond.get("label") if cond else None
+        if labels is None:
+            raise ValueError("the dit family needs class labels: cond['label'] (integers, the null class for "
+                             "unconditional calls)")
+        label_dropout_off(model)
+        return model(noisy, timestep=timesteps, class_labels=labels.long(), return_dict=False)[0]
+
+    def example_cond(self, config, batch_size, device, dtype):
+        """Class 0 for every image (the embedding lookup costs the same for any label)."""
+        return {"label": torch.zeros(batch_size, dtype=torch.long, device=device)}
+
+    def learned_sigma(self, config):
+        c_in, c_out = config.get("in_channels", 4), config.get("out_channels")
+        return c_out is not None and c_out == 2 * c_in
+
+    def null_class(self, config: dict) -> int:
+        return int(config["num_embeds_ada_norm"])
+
+    def build_encoders(self, cfg, device, dtype):
+        from .dit import build_latent_encoder
+
+        return build_latent_encoder(cfg, device, dtype)
+
+    def model_resolution(self, cfg) -> int:
+        from .sd3 import sd3_model_resolution  # the VAE's factor when latent, else the pixels
+
+        return sd3_model_resolution(cfg)
+
+    def drop_condition(self, cond, generator, prob, config):
+        from .dit import drop_labels
+
+        return drop_labels(cond, generator, prob, self.null_class(config))
+
+    def check_supported(self, config, what):
+        c_in, c_out = config.get("in_channels", 4), config.get("out_channels")
+        if c_out is not None and c_out not in (c_in, 2 * c_in):
+            raise ConfigError(f"{what}: DiTTransformer2DModel out_channels ({c_out}) must be in_channels ({c_in}) or "
+                              f"2·in_channels (learned sigma)")
+        n = config.get("num_embeds_ada_norm", 1000)
+        if not isinstance(n, int) or n < 1:
+            raise ConfigError(f"{what}: num_embeds_ada_norm (the number of classes) must be an int >= 1, got {n!r}")
+
+
+class SD3Family(_TransformerFamily):
+    """``diffusers.SD3Transformer2DModel`` (MMDiT), trained with flow matching by default; called
+    with the prompt embeddings ``encoder_hidden_states`` and ``pooled_projections``."""
+
+    name = "sd3"
+    class_names = ("SD3Transformer2DModel",)
+    cond_keys = ("encoder_hidden_states", "pooled_projections")
+    default_objective = "flow"
+
+    def model_class(self):
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel
+
+    def forward(self, model, noisy, timesteps, cond):
+        return model(hidden_states=noisy, encoder_hidden_states=cond["encoder_hidden_states"].to(noisy.dtype),
+                     pooled_projections=cond["pooled_projections"].to(noisy.dtype), timestep=timesteps,
+                     return_dict=False)[0]
+
+    def example_cond(self, config, batch_size, device, dtype, tokens: int = 333):
+        """Zero prompt embeddings ``[B, tokens, joint_attention_dim]`` and pooled projections
+        ``[B, pooled_projection_dim]``; 333 = 77 CLIP + 256 T5 tokens, SD3's default context."""
+        return {"encoder_hidden_states": torch.zeros(batch_size, tokens, config["joint_attention_dim"], device=device,
+                                                     dtype=dtype),
+                "pooled_projections": torch.zeros(batch_size, config["pooled_projection_dim"], device=device,
+                                                  dtype=dtype)}
+
+    def drop_condition(self, cond, generator, prob, config):
+        from .sd3 import drop_prompts
+
+        return drop_prompts(cond, generator, prob)
+
+    def build_encoders(self, cfg, device, dtype):
+        from .sd3 import build_sd3_encoders
+
+        return build_sd3_encoders(cfg, device, dtype)
+
+    def model_resolution(self, cfg) -> int:
+        from .sd3 import sd3_model_resolution
+
+        return sd3_model_resolution(cfg)
+
+    def check_supported(self, config, what):
+        if config.get("in_channels", 16) != config.get("out_channels", 16):
+            raise ConfigError(f"{what}: in_channels ({config.get('in_channels')}) must equal out_channels "
+                              f"({config.get('out_channels')}) for a flow-matching denoiser")
+
+
+FAMILIES: dict[str, ModelFamily] = {"unet2d": UNet2DFamily(), "unet2d_condition": UNet2DConditionFamily(),
+                                    "dit": DiTFamily(), "sd3": SD3Family()}
 
 
 def get_family(name: str) -> ModelFamily:
@@ -362,7 +504,10 @@ class FeatureTaps:
 
     def _hook(self, name):
         def hook(module, args, output):
-            self.outputs[name] = output[0] if isinstance(output, (tuple, list)) else output
+            if isinstance(output, (tuple, list)):
+                # SD3's JointTransformerBlock returns (encoder_hidden_states, hidden_states): the image tokens
+                output = output[1] if type(module).__name__ == "JointTransformerBlock" else output[0]
+            self.outputs[name] = output
         return hook
 
     def pop(self) -> dict[str, Tensor]:
@@ -383,7 +528,11 @@ def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.M
     or ``teacher_name:student_name``. Any module path of the models is allowed, below block
     level too (``down_blocks.2.attentions.1.proj_out``). Resolved on the unwrapped models."""
     t_points, s_points = family.feature_points(teacher), family.feature_points(student)
-    if spec.strip() == "all":  # every block (not the resnets/attentions inside them)
+    kept = getattr(student, "liftplace_kept_blocks", None)
+    if spec.strip() == "all" and kept is not None:
+        # a depth-pruned student: block i <-> the teacher block it was copied from
+        pairs = [(f"transformer_blocks.{src}", f"transformer_blocks.{i}") for i, src in enumerate(kept)]
+    elif spec.strip() == "all":  # every block (not the resnets/attentions inside them)
         pairs = [(n, n) for n in t_points if n.count(".") <= 1]
     elif spec.strip() == "bk_sdm":
         if student_arch is None:
@@ -425,6 +574,9 @@ def block_channels(module: nn.Module) -> int:
         return module.out_channels
     if isinstance(module, nn.Linear):
         return module.out_features
+    ff = getattr(module, "ff", None)  # a transformer block: its feed-forward's output width
+    if ff is not None:
+        return [m for m in ff.modules() if isinstance(m, nn.Linear)][-1].out_features
     raise ConfigError(f"cannot tell the output width of block {type(module).__name__}")
 
 
@@ -444,4 +596,7 @@ class FeatureAdapters(nn.Module):
         return name.replace(".", "_").replace(":", "__")
 
     def forward(self, name: str, x: Tensor) -> Tensor:
-        return self.adapters[self.key(name)](x)
+        adapter = self.adapters[self.key(name)]
+        if x.dim() == 3 and isinstance(adapter, nn.Conv2d):  # tokens [B, N, D]: the 1x1 conv per token
+            return nn.functional.linear(x, adapter.weight[:, :, 0, 0], adapter.bias)
+        return adapter(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..loss import LiftPlaceLoss, lift_place_loss
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .models import FeatureAdapters, FeatureTaps, ModelFamily
 
 STAT_KEYS = ("coarse", "fine", "weight", "coarse_weight", "slope_mean", "intercept_mean", "slope_absdev",
@@ -30,15 +31,45 @@ STAT_KEYS = ("coarse", "fine", "weight", "coarse_weight", "slope_mean", "interce
 BUCKET_KEYS = ("bucket_weight", "bucket_slope_absdev", "bucket_intercept_absdev", "bucket_count")
 
 
-def make_noise_scheduler(cfg: TrainConfig):
+def make_noise_scheduler(cfg: TrainConfig, learned_sigma: bool = False):
+    """The DDPM training schedule; ``learned_sigma`` models (DiT's ``out_channels = 2·in_channels``)
+    get ``variance_type="learned_range"``, which their sampler then uses (DiT's convention)."""
     from diffusers import DDPMScheduler
 
+    extra = {"variance_type": "learned_range"} if learned_sigma else {}
     return DDPMScheduler(num_train_timesteps=cfg.ddpm_num_steps, beta_schedule=cfg.ddpm_beta_schedule,
-                         prediction_type=cfg.prediction_type)
+                         prediction_type=cfg.prediction_type, **extra)
+
+
+def resolve_objective(cfg: TrainConfig, family: ModelFamily) -> str:
+    """``objective``, else the family's own (``flow`` for sd3, ``ddpm`` for the rest)."""
+    return cfg.objective or getattr(family, "default_objective", "ddpm")
+
+
+def make_objective(cfg: TrainConfig, family: ModelFamily, model_config: dict | None = None, *, latent: bool = False):
+    """``(scheduler, objective)`` for a run: the DDPM :class:`NoiseObjective` or the flow-matching
+    :class:`~liftplace.train.flow.FlowMatchObjective`. The scheduler is what the export carries."""
+    kind = resolve_objective(cfg, family)
+    learned = bool(model_config) and family.learned_sigma(model_config)
+    if kind == "flow":
+        from .flow import FlowMatchObjective, make_flow_scheduler
+
+        if learned:
+            raise ConfigError("objective=flow predicts a velocity: the model must have out_channels == in_channels "
+                              "(its out_channels = 2·in_channels is DiT's learned sigma, a DDPM-only output); build "
+                              "the model with out_channels = in_channels or use objective=ddpm")
+        sched = make_flow_scheduler(cfg.ddpm_num_steps, cfg.flow_shift)
+        return sched, FlowMatchObjective(sched, cfg.weighting_scheme, cfg.logit_mean, cfg.logit_std, cfg.mode_scale)
+    sched = make_noise_scheduler(cfg, learned_sigma=learned)
+    if latent:  # latents are not bounded: never clip the predicted sample
+        sched = type(sched).from_config(sched.config, clip_sample=False)
+    return sched, NoiseObjective(sched, noise_offset=cfg.noise_offset)
 
 
 class NoiseObjective:
     """DDPM forward process with an epsilon, v or sample target (diffusers' DDPMScheduler)."""
+
+    kind = "ddpm"
 
     def __init__(self, scheduler, noise_offset: float = 0.0):
         self.scheduler = scheduler
@@ -66,6 +97,64 @@ class NoiseObjective:
         else:
             target = clean
         return noisy, timesteps, target
+
+    def loss_weights(self, timesteps: Tensor, cfg: TrainConfig) -> Tensor | None:
+        """Per-sample weights of the denoising loss: min-SNR-gamma with ``snr_gamma``, else None."""
+        if cfg.snr_gamma is None:
+            return None
+        return min_snr_weights(self.scheduler, timesteps, cfg.snr_gamma, self.prediction_type)
+
+    def vb_term(self, eps: Tensor, var_values: Tensor, clean: Tensor, noisy: Tensor, timesteps: Tensor) -> Tensor:
+        """DiT's variational-bound term for a learned-range variance, per sample ``[B]`` in bits
+        (``mean_flat``, times ``T / 1000`` as DiT's rescaled MSE). ``eps`` is detached by the
+        caller: the term trains the variance half only (DiT's ``frozen_out``)."""
+        return learned_range_vb(self.scheduler, eps, var_values, clean.float(), noisy.float(), timesteps)
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood of data in [-1, 1] discretised to 256 bins (DiT / improved DDPM)."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def learned_range_vb(scheduler, eps: Tensor, var_values: Tensor, clean: Tensor, noisy: Tensor,
+                     timesteps: Tensor) -> Tensor:
+    """``[B]``: KL(q(x_{t-1}|x_t, x_0) || p(x_{t-1}|x_t)) in bits (the decoder NLL at t = 0), with
+    p's log-variance ``frac·log β_t + (1 − frac)·log β̃_t`` (clipped), ``frac = (v + 1) / 2``."""
+    ac = scheduler.alphas_cumprod.to(device=clean.device, dtype=torch.float64)
+    betas = scheduler.betas.to(device=clean.device, dtype=torch.float64)
+    ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
+    post_var = betas * (1.0 - ac_prev) / (1.0 - ac)
+    post_logvar = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
+    coef1 = betas * ac_prev.sqrt() / (1.0 - ac)
+    coef2 = (1.0 - ac_prev) * (1.0 - betas).sqrt() / (1.0 - ac)
+    shape = (-1, *([1] * (clean.dim() - 1)))
+
+    def at(v):
+        return v[timesteps.long()].float().view(shape)
+
+    true_mean = at(coef1) * clean + at(coef2) * noisy
+    true_logvar = at(post_logvar)
+    frac = (var_values.float() + 1.0) / 2.0
+    model_logvar = frac * at(torch.log(betas)) + (1.0 - frac) * true_logvar
+    pred_x0 = at((1.0 / ac).sqrt()) * noisy - at((1.0 / ac - 1.0).sqrt()) * eps.float()
+    model_mean = at(coef1) * pred_x0 + at(coef2) * noisy
+    kl = 0.5 * (-1.0 + model_logvar - true_logvar + torch.exp(true_logvar - model_logvar)
+                + (true_mean - model_mean).square() * torch.exp(-model_logvar))
+    kl = kl.flatten(1).mean(1) / math.log(2.0)
+    nll = -_discretized_gaussian_log_likelihood(clean, model_mean, 0.5 * model_logvar).flatten(1).mean(1) / math.log(2.0)
+    vb = torch.where(timesteps == 0, nll, kl)
+    return vb * (scheduler.config.num_train_timesteps / 1000.0)
 
 
 def reduce_squared_error(x: Tensor, y: Tensor, reduction: str, weights: Tensor | None = None) -> Tensor:
@@ -176,6 +265,10 @@ class DistillationLoss:
         self.kd_module = LiftPlaceLoss(**self.kd_options(), total_steps=cfg.max_train_steps, return_stats=True,
                                        num_buckets=cfg.kd_num_buckets, t_max=objective.num_train_timesteps,
                                        bucket_ema=cfg.kd_bucket_ema or None)
+        # DiT's learned sigma: models output [mean | variance values]; KD sees the mean half
+        raw = getattr(student, "module", student)  # DDP-wrapped under accelerate launch
+        self.model_config = dict(raw.config) if hasattr(raw, "config") else {}
+        self.learned_sigma = family.learned_sigma(self.model_config)
 
     def state_dict(self) -> dict:
         return self.kd_module.state_dict()
@@ -188,21 +281,32 @@ class DistillationLoss:
         return dict(group_size=c.group_size, grouping=c.grouping, norm=c.kd_norm, reduction=c.kd_reduction,
                     weight=c.kd_weight, parts=c.kd_parts, coarse_weight=c.kd_coarse_weight, eps=c.kd_eps)
 
-    def feature_loss(self, name: str, student: Tensor, teacher: Tensor, step: int) -> Tensor:
+    def feature_loss(self, name: str, student: Tensor, teacher: Tensor, step: int,
+                     timesteps: Tensor | None = None) -> Tensor:
         """One feature pair's loss: squared error (``mse``) or LIFT/PLACE on the feature maps."""
         c = self.cfg
         if c.kd_feat_loss == "mse":
             return reduce_squared_error(student, teacher, c.kd_reduction)
-        n = student[0, 0].numel()
+        # transformer tokens [B, N, D]: one row per feature channel over the N tokens (channel_dim=-1)
+        channel_dim = -1 if student.dim() == 3 else 1
+        n = student.shape[1] if student.dim() == 3 else student[0, 0].numel()
         if c.grouping != "global" and n < c.group_size:
             raise ValueError(f"kd_feat_loss=lift_place: feature {name!r} {tuple(student.shape)} has {n} elements per "
                              f"channel, fewer than group_size={c.group_size}; pick larger feature maps in "
                              "kd_feat_layers or lower group_size")
-        return lift_place_loss(student, teacher, step=step, total_steps=c.max_train_steps, **self.kd_options())
+        buckets = {}
+        if c.kd_weight == "adaptive-timestep" and timesteps is not None:  # per-batch buckets (no EMA) for features
+            buckets = dict(timesteps=timesteps, num_buckets=c.kd_num_buckets,
+                           t_max=self.objective.num_train_timesteps, bucket_ema=None)
+        return lift_place_loss(student, teacher, step=step, total_steps=c.max_train_steps, channel_dim=channel_dim,
+                               **self.kd_options(), **buckets)
 
     def teacher_output(self, noisy: Tensor, timesteps: Tensor, cond: dict) -> Tensor:
+        """The teacher's prediction (its mean half for a learned-sigma model)."""
         with torch.no_grad():
             out = self.family.forward(self.teacher, noisy.to(self.teacher_dtype), timesteps, cond)
+        if out.shape[1] != noisy.shape[1] and self.family.learned_sigma(dict(self.teacher.config)):
+            out = out[:, :noisy.shape[1]]  # a learned-sigma teacher: its prediction half
         return out.float()
 
     def __call__(self, clean: Tensor, cond: dict, generator: torch.Generator, step: int,
@@ -210,6 +314,9 @@ class DistillationLoss:
         c = self.cfg
         autocast = autocast or contextlib.nullcontext
         noisy, timesteps, target = self.objective.prepare(clean, generator)
+        # classifier-free guidance: the null condition with probability cond_drop_prob (dit labels,
+        # sd3 prompts; coins from the same generator, after the noise)
+        cond = self.family.drop_condition(cond, generator, c.cond_drop_prob, self.model_config)
         terms: dict[str, Tensor] = {}
         y = None
         t_feats = None
@@ -228,11 +335,18 @@ class DistillationLoss:
             x = self.family.forward(self.student, noisy, timesteps, cond)
         x = x.float()  # losses in fp32 whatever the autocast dtype
         s_feats = self.taps[1].pop() if self.taps else None
+        x_var = None
+        if self.learned_sigma:  # DiT: the mean half gets the denoising and KD losses
+            x, x_var = x[:, :noisy.shape[1]], x[:, noisy.shape[1]:]
 
-        weights = None
-        if c.snr_gamma is not None:
-            weights = min_snr_weights(self.objective.scheduler, timesteps, c.snr_gamma, self.objective.prediction_type)
+        weights = self.objective.loss_weights(timesteps, c)
         sd = reduce_squared_error(x, target, c.kd_reduction, weights)
+        if x_var is not None:
+            # the variance half: DiT's hybrid variational-bound term, on the detached mean (frozen_out)
+            vb = self.objective.vb_term(x.detach(), x_var, clean, noisy, timesteps)
+            vb = vb * (x[0].numel() if c.kd_reduction == "sum" else 1.0)
+            terms["vb_loss"] = vb.mean().detach()
+            sd = sd + vb.mean()
         total = c.lambda_sd * sd if c.lambda_sd else sd.new_zeros(())
         terms["sd_loss"] = sd.detach()
 
@@ -263,7 +377,7 @@ class DistillationLoss:
             feat = x.new_zeros(())
             for name, ft in t_feats.items():
                 fs = self.adapters(name, s_feats[name].float())
-                feat = feat + self.feature_loss(name, fs, ft.float(), step)
+                feat = feat + self.feature_loss(name, fs, ft.float(), step, timesteps)
             total = total + c.lambda_kd_feat * feat
             terms["feat_loss"] = feat.detach()
         terms["loss"] = total.detach()

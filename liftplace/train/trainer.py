@@ -29,7 +29,7 @@ from .data import flip_coins, random_hflip
 from .finish import export_model, resolve_steps, sample_grid
 from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
                      count_parameters, model_config_dict, select_feature_points)
-from .objective import DistillationLoss, NoiseObjective, make_noise_scheduler
+from .objective import DistillationLoss, make_objective
 from .optim import make_lr_scheduler, make_optimizer
 from .state import load_checkpoint, resolve_resume, save_checkpoint
 from .stream import BatchStream, mix_seed
@@ -186,10 +186,8 @@ class Trainer:
 
             log_cost_summary(self.log, self.teacher, self.student, family, shape)
 
-        self.noise_scheduler = make_noise_scheduler(cfg)
-        if self.encoders is not None:  # latents are not bounded: never clip the predicted sample
-            self.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config, clip_sample=False)
-        self.objective = NoiseObjective(self.noise_scheduler, noise_offset=cfg.noise_offset)
+        # DDPM or flow matching (objective.py); latents are not bounded: never clip the predicted sample
+        self.noise_scheduler, self.objective = make_objective(cfg, family, s_cfg, latent=self.encoders is not None)
 
         # feature KD: hooks on matched blocks, 1x1 adapters to the teacher's widths
         self.adapters, taps = None, None
@@ -223,7 +221,8 @@ class Trainer:
         if self._dataset_in is not None:
             self.dataset = self._dataset_in
         elif self.encoders is not None:
-            self.dataset = build_dataset(cfg, self.encoders.pixel_channels, captioned=True)
+            self.dataset = build_dataset(cfg, self.encoders.pixel_channels,
+                                         captioned=getattr(self.encoders, "captioned", True))
         else:
             self.dataset = build_dataset(cfg, shape[0])
         if cfg.cache_latents:
