@@ -261,3 +261,40 @@ def log_file(accelerator, path) -> None:
                 tracker.log_artifact(str(path))
             except (NotImplementedError, TypeError):
                 pass
+
+
+def log_scores(report_to: str | None, logging_dir, scores: Mapping[str, float], config: Mapping | None = None,
+               *, step: int = 0, project: str = "liftplace-eval") -> list[str]:
+    """Evaluation scores (``liftplace eval``) to the trackers of ``report_to``, through accelerate's
+    tracker classes (``LOGGER_TYPE_TO_CLASS``) outside a training run: each is started with
+    ``project`` (and ``logging_dir`` where it keeps files), given ``config`` (the protocol,
+    flattened) and the scores at ``step``, and finished. Returns the trackers logged to."""
+    from pathlib import Path
+
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    names = resolve_trackers(report_to)
+    flat = {}
+
+    def flatten(prefix, value):
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                flatten(f"{prefix}{k}/", v)
+        else:
+            flat[prefix[:-1]] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    flatten("", dict(config or {}))
+    for name in names:
+        cls = LOGGER_TYPE_TO_CLASS[name]
+        if cls.requires_logging_directory:
+            Path(logging_dir).mkdir(parents=True, exist_ok=True)
+            tracker = cls(project, str(logging_dir))
+        else:
+            tracker = cls(project)
+        if hasattr(tracker, "start"):  # accelerate >= 1.x starts trackers lazily
+            tracker.start()
+        if flat:
+            tracker.store_init_configuration(flat)
+        tracker.log({k: float(v) for k, v in scores.items()}, step=step)
+        tracker.finish()
+    return names
