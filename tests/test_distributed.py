@@ -93,7 +93,8 @@ def _worker(spec: dict) -> None:
             def after_step(reason, _after=after, _tr=tr):
                 _after(reason)
                 if _tr.global_step == kill_at:  # killed once the checkpoint is on disk: no clean exit
-                    (record / f"rank{rank}.json").write_text(json.dumps(log))
+                    (record / f"rank{rank}.json").write_text(json.dumps(
+                        {"log": log, "checkpointing": _tr.accelerator.unwrap_model(_tr.student).is_gradient_checkpointing}))
                     _tr.accelerator.wait_for_everyone()
                     os._exit(0)
 
@@ -162,10 +163,13 @@ def runs(tmp_path_factory):
     (accelerate launch, 2 ranks, the CLI): B resumed from ``latest`` to the end."""
     root = tmp_path_factory.mktemp("ddp")
     spec = {"runs": [{"overrides": overrides(root / "A"), "record": str(root / "rec_A")},
-                     {"overrides": overrides(root / "B"), "record": str(root / "rec_B"), "kill_at": KILL_AT}]}
+                     # B with gradient checkpointing of the student: recomputation changes no number
+                     {"overrides": overrides(root / "B", gradient_checkpointing=True), "record": str(root / "rec_B"),
+                      "kill_at": KILL_AT}]}
     (root / "rec_B").mkdir()
     check(run(torchrun(str(HERE), "worker", json.dumps(spec)), cpu_env(ACCELERATE_USE_CPU="true")))
     assert not (root / "B" / "student").exists() and (root / "B" / f"checkpoint-{KILL_AT}").is_dir()
+    assert all(rec["checkpointing"] for rec in rank_records(root / "rec_B"))
     resumed = run(accelerate_launch("distill", "--config", str(root / "B" / "config.yaml"),
                                     "--resume_from_checkpoint", "latest"), cpu_env(ACCELERATE_USE_CPU="true"))
     check(resumed)
@@ -226,6 +230,11 @@ def test_one_process_writes_checkpoints_and_export(runs):
 
 
 def test_kill_and_resume_on_two_ranks_equals_uninterrupted(runs):
+    """B: checkpointed at step 2, killed (os._exit on both ranks), resumed on 2 ranks by the CLI
+    under accelerate launch, with gradient checkpointing; A: 4 straight steps. Bitwise equal."""
+    import yaml
+
+    assert yaml.safe_load((runs / "B" / "config.yaml").read_text())["gradient_checkpointing"] is True
     for name in ("student/diffusion_pytorch_model.safetensors", "student_ema/diffusion_pytorch_model.safetensors",
                  "adapters.safetensors", "kd_loss.safetensors"):
         a = load_file(str(runs / "A" / f"checkpoint-{STEPS}" / name))

@@ -90,6 +90,12 @@ def check_launch(num_processes: int, distributed_type: str = "") -> None:
     if num_processes > 1 and env_world is not None and env_world != num_processes:
         raise LaunchError(f"accelerate runs {num_processes} processes but WORLD_SIZE is {env_world}; launch with "
                           "one launcher (accelerate launch or torchrun), not both")
+    for flag, wanted in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DEEPSPEED")):
+        if _truthy(flag) and distributed_type and distributed_type != wanted:
+            raise LaunchError(
+                f"the launch asked for {wanted} ({flag}=true, from an accelerate config) but accelerate runs "
+                f"{distributed_type}: accelerate uses {wanted} on GPUs only (on CPU it keeps plain multi-process "
+                f"DDP). Nothing was written; on CPU use `{CPU_RECIPE.format(n=2)}` without the {wanted} config")
     simple_launcher = ("ACCELERATE_MIXED_PRECISION" in os.environ and "MASTER_ADDR" in os.environ
                        and env_world is None and "LOCAL_RANK" not in os.environ and "RANK" not in os.environ)
     if num_processes == 1 and simple_launcher:
@@ -109,6 +115,29 @@ def preflight_launch() -> None:
 
     state = PartialState(cpu=_truthy("ACCELERATE_USE_CPU"))  # as Accelerator() reads it
     check_launch(state.num_processes, _name(state.distributed_type))
+
+
+# What the trainer does not do yet under the sharding engines; docs/TRAINER.md "Scale options".
+UNSUPPORTED_SHARDING = {
+    "FSDP": "its checkpoints and export need the sharded student and optimizer state gathered from every rank "
+            "(and restored into the shards on resume), and the mid-run sample grids need every rank to run the "
+            "sharded student, which the trainer does only on rank 0; the EMA would average shards",
+    "DEEPSPEED": "ZeRO-2 keeps each rank's part of the optimizer state in the DeepSpeed engine, which liftplace's "
+                 "checkpoint (optimizer.pt) does not hold, and DeepSpeed takes one model per engine (the student "
+                 "and the feature-KD adapters are two); deepspeed cannot run on this project's CPU CI (its CPU "
+                 "backend needs intel-extension-for-pytorch, which has no build for torch 2.13)",
+}
+
+
+def check_scale_engine(distributed_type: str) -> None:
+    """Refuse FSDP and DeepSpeed (accelerate configs in configs/, GPU only) until the trainer
+    handles sharded state: a clear error before anything is written, instead of a resume from a
+    partial optimizer state or a sampling deadlock."""
+    reason = UNSUPPORTED_SHARDING.get(distributed_type)
+    if reason is not None:
+        raise LaunchError(f"accelerate runs {distributed_type}, which this trainer does not support yet: {reason}. "
+                          f"Nothing was written; use DDP (`{GPU_RECIPE.format(n='N')}`), with --cast_teacher, "
+                          "--mixed_precision bf16 and --gradient_checkpointing to save memory")
 
 
 class ShardedObjective:

@@ -28,8 +28,8 @@ from .checkpoint import abandon_later_checkpoints, clean_stale_temporaries
 from .build import build_dataset, build_model_to_train, build_student, build_teacher, resolve_family
 from .config import MODEL_TYPES, ConfigError, TrainConfig, validate_models
 from .data import flip_coins, random_hflip
-from .distributed import (ShardedObjective, check_launch, global_rows, log_file, log_images, mean_over_processes,
-                          resolve_trackers)
+from .distributed import (ShardedObjective, check_launch, check_scale_engine, global_rows, log_file, log_images,
+                          mean_over_processes, resolve_trackers)
 from .finish import export_model, resolve_steps, sample_grid
 from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
                      count_parameters, model_config_dict, select_feature_points)
@@ -141,10 +141,16 @@ class Trainer:
         # several processes that are not one accelerate job (or one that should be several): refuse
         # before anything is written
         check_launch(acc.num_processes, getattr(acc.distributed_type, "value", str(acc.distributed_type)))
+        check_scale_engine(getattr(acc.distributed_type, "value", str(acc.distributed_type)))
         self.log = _logger()
         self.device = acc.device
         self.rank, self.world_size = acc.process_index, acc.num_processes
         set_seed(cfg.seed, device_specific=True)  # the global RNGs: seed + rank (the models use their own seeds)
+        self.distributed_type = getattr(acc.distributed_type, "value", str(acc.distributed_type))
+        self.log.info(f"{self.world_size} process(es) ({self.distributed_type}, {self.device}); batch "
+                      f"{cfg.train_batch_size} per process x {self.world_size} x {cfg.gradient_accumulation_steps} "
+                      f"accumulated = {cfg.train_batch_size * self.world_size * cfg.gradient_accumulation_steps} "
+                      "samples per optimizer step", main_process_only=True)
         # frozen encoders (VAE latents, prompt embeddings) in the compute dtype, as diffusers' scripts
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         self.encoders = family.build_encoders(cfg, self.device, weight_dtype)
