@@ -158,7 +158,7 @@ def check(proc: subprocess.CompletedProcess):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cli_procs):
     """Launch 1 (torchrun, 2 ranks): A uninterrupted, B killed after checkpoint-2. Launch 2
     (accelerate launch, 2 ranks, the CLI): B resumed from ``latest`` to the end."""
     root = tmp_path_factory.mktemp("ddp")
@@ -266,20 +266,63 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(runs, tmp_path, one_thread):
         assert a["kd_weight"] == pytest.approx(b["kd_weight"], rel=1e-5, abs=1e-6)
 
 
-def test_inconsistent_launches_are_refused_before_any_write(tmp_path):
+@pytest.fixture(scope="module")
+def cli_procs(tmp_path_factory):
+    """Three launches of the CLI, started first and run beside the worker launches (the test
+    file stays within a minute on 2 cores): README's CPU recipe (torchrun with
+    ACCELERATE_USE_CPU=true, 2 steps), torchrun without ACCELERATE_USE_CPU, and accelerate
+    launch --cpu --num_processes 2 (the last two must be refused). Output goes to files."""
+    root = tmp_path_factory.mktemp("cli")
+    args = ["distill", "--teacher_config", json.dumps(TEACHER), "--dataset_name", "synthetic", "--max_train_steps",
+            "2", "--train_batch_size", "2", "--student_width_mult", "0.5", "--validation_steps", "0",
+            "--num_validation_images", "2", "--ddpm_num_inference_steps", "2", "--progress_bar", "false"]
+    cmds = {
+        "recipe": (["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], True),
+        "torchrun": (["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], False),
+        "accelerate": (["accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port",
+                        str(free_port())], False),
+    }
+    procs = {}
+    for name, (launcher, use_cpu) in cmds.items():
+        env = cpu_env(ACCELERATE_USE_CPU="true") if use_cpu else cpu_env()
+        log = open(root / f"{name}.log", "w")
+        procs[name] = (subprocess.Popen([sys.executable, "-m", *launcher, "-m", "liftplace", *args, "--output_dir",
+                                         str(root / name)], env=env, stdout=log, stderr=subprocess.STDOUT), log)
+    yield root, procs
+    for p, log in procs.values():
+        if p.poll() is None:
+            p.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def cli_launches(cli_procs):
+    root, procs = cli_procs
+    results = {}
+    for name, (p, log) in procs.items():
+        p.wait(timeout=240)
+        log.flush()
+        results[name] = (p.returncode, (root / f"{name}.log").read_text())
+    return root, results
+
+
+def test_cpu_recipe_torchrun_with_accelerate_use_cpu_trains_on_two_ranks(cli_launches):
+    root, results = cli_launches
+    code, text = results["recipe"]
+    assert code == 0, text[-5000:]
+    assert "2 process(es) (MULTI_CPU" in text and "samples per optimizer step" in text
+    assert text.count("done: 2 steps") == 2  # both ranks finished ...
+    assert (root / "recipe" / "checkpoint-2").is_dir() and (root / "recipe" / "student").is_dir()
+    state = json.loads((root / "recipe" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2  # ... as one job, one writer
+
+
+def test_inconsistent_launches_are_refused_before_any_write(cli_launches):
     """torchrun on CPU without ACCELERATE_USE_CPU (two single-process jobs), and accelerate
     launch --cpu --num_processes 2 (one process): both an error, nothing written."""
-    args = ["distill", "--teacher_config", json.dumps(TEACHER), "--dataset_name", "synthetic",
-            "--max_train_steps", "1", "--train_batch_size", "2", "--report_to", "none", "--progress_bar", "false"]
-    a, b = tmp_path / "torchrun", tmp_path / "accel"
-    procs = [subprocess.Popen(torchrun("-m", "liftplace", *args, "--output_dir", str(a)), env=cpu_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
-             subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                               "--main_process_port", str(free_port()), "-m", "liftplace", *args,
-                               "--output_dir", str(b)], env=cpu_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)]
-    (out_a, err_a), (out_b, err_b) = (p.communicate(timeout=240) for p in procs)
-    assert procs[0].returncode != 0 and procs[1].returncode != 0
-    assert "ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2" in err_a + out_a, err_a[-3000:]
-    assert "started only this one" in err_b + out_b, err_b[-3000:]
-    assert not a.exists() and not b.exists()
+    root, results = cli_launches
+    code, text = results["torchrun"]
+    assert code != 0 and "ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2" in text, text[-3000:]
+    code, text = results["accelerate"]
+    assert code != 0 and "started only this one" in text, text[-3000:]
+    assert not (root / "torchrun").exists() and not (root / "accelerate").exists()
