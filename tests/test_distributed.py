@@ -5,7 +5,8 @@ form (``ACCELERATE_USE_CPU=true``).
 One torchrun launch runs this file as the worker on both ranks: an uninterrupted 4-step run
 (A) and a run killed right after its checkpoint at step 2 (B). Each rank records what it
 computed itself (its loss, the adaptive weight w, the per-bucket weights) and its final
-parameters. ``accelerate launch`` then resumes B on 2 ranks through the CLI. A one-process
+parameters. README's CPU torchrun recipe then resumes B on 2 ranks through the CLI, while
+``accelerate launch --multi_gpu`` (CPU form) runs a fresh job beside it. A one-process
 run with twice the batch is trained in the test process. Models: a tiny UNet2DModel from a
 config, synthetic data, feature KD on (hooks under the DDP wrapper) with
 ``kd_weight=adaptive`` (w from statistics summed over the ranks; per-bucket statistics
@@ -144,9 +145,17 @@ def torchrun(*args) -> list[str]:
 
 
 def accelerate_launch(*args) -> list[str]:
-    """The multi-GPU recipe in its CPU form (ACCELERATE_USE_CPU=true in the environment)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "liftplace", *args]
+    """The multi-GPU recipes (the flags and configs/accelerate/multi_gpu.yaml) in their CPU form
+    (ACCELERATE_USE_CPU=true in the environment)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(HERE.parents[1] / "configs" / "accelerate" / "multi_gpu.yaml"), "--multi_gpu", "--num_processes", "2",
+            "--main_process_port", str(free_port()), "-m", "liftplace", *args]
+
+
+def cpu_torchrun(*args) -> list[str]:
+    """README's CPU recipe: ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 -m liftplace ..."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "liftplace", *args]
 
 
 def run(cmd, env, timeout=240) -> subprocess.CompletedProcess:
@@ -159,8 +168,8 @@ def check(proc: subprocess.CompletedProcess):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cli_procs):
-    """Launch 1 (torchrun, 2 ranks): A uninterrupted, B killed after checkpoint-2. Launch 2
-    (accelerate launch, 2 ranks, the CLI): B resumed from ``latest`` to the end."""
+    """Launch 1 (torchrun with rendezvous flags, 2 ranks): A uninterrupted, B killed after
+    checkpoint-2. Launch 2 (README's CPU recipe, torchrun, the CLI): B resumed from ``latest``."""
     root = tmp_path_factory.mktemp("ddp")
     spec = {"runs": [{"overrides": overrides(root / "A"), "record": str(root / "rec_A")},
                      # B with gradient checkpointing of the student: recomputation changes no number
@@ -170,8 +179,8 @@ def runs(tmp_path_factory, cli_procs):
     check(run(torchrun(str(HERE), "worker", json.dumps(spec)), cpu_env(ACCELERATE_USE_CPU="true")))
     assert not (root / "B" / "student").exists() and (root / "B" / f"checkpoint-{KILL_AT}").is_dir()
     assert all(rec["checkpointing"] for rec in rank_records(root / "rec_B"))
-    resumed = run(accelerate_launch("distill", "--config", str(root / "B" / "config.yaml"),
-                                    "--resume_from_checkpoint", "latest"), cpu_env(ACCELERATE_USE_CPU="true"))
+    resumed = run(cpu_torchrun("distill", "--config", str(root / "B" / "config.yaml"),
+                               "--resume_from_checkpoint", "latest"), cpu_env(ACCELERATE_USE_CPU="true"))
     check(resumed)
     return root
 
@@ -231,7 +240,8 @@ def test_one_process_writes_checkpoints_and_export(runs):
 
 def test_kill_and_resume_on_two_ranks_equals_uninterrupted(runs):
     """B: checkpointed at step 2, killed (os._exit on both ranks), resumed on 2 ranks by the CLI
-    under accelerate launch, with gradient checkpointing; A: 4 straight steps. Bitwise equal."""
+    under torchrun (README's CPU recipe), with gradient checkpointing; A: 4 straight steps.
+    Bitwise equal."""
     import yaml
 
     assert yaml.safe_load((runs / "B" / "config.yaml").read_text())["gradient_checkpointing"] is True
@@ -269,7 +279,8 @@ def test_two_ranks_batch_b_equal_one_rank_batch_2b(runs, tmp_path, one_thread):
 @pytest.fixture(scope="module")
 def cli_procs(tmp_path_factory):
     """Three launches of the CLI, started first and run beside the worker launches (the test
-    file stays within a minute on 2 cores): README's CPU recipe (torchrun with
+    file stays within a minute on 2 cores): the multi-GPU recipe in its CPU form (accelerate
+    launch --config_file configs/accelerate/multi_gpu.yaml --multi_gpu --num_processes 2,
     ACCELERATE_USE_CPU=true, 2 steps), torchrun without ACCELERATE_USE_CPU, and accelerate
     launch --cpu --num_processes 2 (the last two must be refused). Output goes to files."""
     root = tmp_path_factory.mktemp("cli")
@@ -277,7 +288,7 @@ def cli_procs(tmp_path_factory):
             "2", "--train_batch_size", "2", "--student_width_mult", "0.5", "--validation_steps", "0",
             "--num_validation_images", "2", "--ddpm_num_inference_steps", "2", "--progress_bar", "false"]
     cmds = {
-        "recipe": (["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], True),
+        "recipe": (accelerate_launch()[2:-2], True),
         "torchrun": (["torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())], False),
         "accelerate": (["accelerate.commands.launch", "--cpu", "--num_processes", "2", "--main_process_port",
                         str(free_port())], False),
@@ -306,7 +317,7 @@ def cli_launches(cli_procs):
     return root, results
 
 
-def test_cpu_recipe_torchrun_with_accelerate_use_cpu_trains_on_two_ranks(cli_launches):
+def test_multi_gpu_recipe_in_cpu_form_trains_on_two_ranks(cli_launches):
     root, results = cli_launches
     code, text = results["recipe"]
     assert code == 0, text[-5000:]

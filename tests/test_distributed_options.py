@@ -81,13 +81,13 @@ def test_fsdp_and_deepspeed_are_refused_with_the_reason(engine):
     check_scale_engine("MULTI_GPU")
 
 
-@pytest.mark.parametrize("name", ["accelerate_multi_gpu", "accelerate_multi_node", "accelerate_fsdp",
-                                  "accelerate_deepspeed_zero2"])
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "fsdp", "deepspeed_zero2"])
 def test_accelerate_configs_load(name):
+    """configs/accelerate/: accelerate config files (not liftplace configs, hence their own folder)."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg = load_config_from_file(str(ROOT / "configs" / f"{name}.yaml"))
-    kind = {"accelerate_fsdp": "FSDP", "accelerate_deepspeed_zero2": "DEEPSPEED"}.get(name, "MULTI_GPU")
+    cfg = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+    kind = {"fsdp": "FSDP", "deepspeed_zero2": "DEEPSPEED"}.get(name, "MULTI_GPU")
     assert str(getattr(cfg.distributed_type, "value", cfg.distributed_type)) == kind
     if kind == "DEEPSPEED":
         assert cfg.deepspeed_config["zero_stage"] == 2
@@ -111,6 +111,7 @@ def test_sharded_objective_draws_the_global_batch(prediction_type):
 def test_mean_over_one_process_is_the_value():
     class One:
         num_processes = 1
+        device = torch.device("cpu")
 
     assert mean_over_processes(One(), {"a": torch.tensor(2.5), "b": 1.0}) == {"a": 2.5, "b": 1.0}
 

@@ -186,10 +186,12 @@ def mean_over_processes(accelerator, values: Mapping[str, Tensor | float]) -> di
     keys = sorted(values)
     if not keys:
         return {}
-    t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).detach().reshape(()).cpu() for k in keys])
+    device = accelerator.device
+    t = torch.stack([values[k].detach().to(device, torch.float64).reshape(()) if isinstance(values[k], Tensor)
+                     else torch.tensor(float(values[k]), dtype=torch.float64, device=device) for k in keys])
     if accelerator.num_processes > 1:
-        t = accelerator.reduce(t.to(accelerator.device), reduction="sum").cpu() / accelerator.num_processes
-    return dict(zip(keys, t.tolist()))
+        t = accelerator.reduce(t, reduction="sum") / accelerator.num_processes
+    return dict(zip(keys, t.tolist()))  # one device -> host copy
 
 
 # --- trackers ----------------------------------------------------------------------------------
