@@ -207,7 +207,8 @@ class TrainConfig:
                         "swanlab, trackio; all: every installed one). A tracker whose package is not installed is an "
                         "error. Training metrics (means over the processes) and validation grids go to each; "
                         "metrics.jsonl is written either way.", "log")
-    logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.", "log")
+    logging_dir: str = _f("logs", "Folder of the trackers' files (tensorboard events, ...), relative to output_dir.",
+                          "log")
     validation_steps: int = _f(500, "Save a DDIM sample grid from the (EMA) student every this many steps "
                                "and at the end (0: only at the end).", "log")
     num_validation_images: int = _f(16, "Images in each validation grid (per prompt for unet2d_condition).",
