@@ -139,11 +139,15 @@ def _setup_logging():
 
 def _train_command(args, role: str) -> int:
     from .train.config import build_config
-    from .train.trainer import Trainer
+    from .train.distributed import preflight_launch
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
     base = {"output_dir": "runs/teacher", "kd_loss": "none"} if role == "teacher" else None
     cfg = build_config(args.config, overrides, base=base)
+    preflight_launch()  # an inconsistent multi-process launch fails here, before the models are imported
+
+    from .train.trainer import Trainer
+
     result = Trainer(cfg, role=role).train()
     print(f"done: {result.global_step} steps in {result.wall_time:.1f} s"
           + (f", {result.bad_steps} skipped" if result.bad_steps else ""))

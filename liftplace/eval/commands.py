@@ -95,6 +95,10 @@ def add_eval_parsers(sub, formatter) -> None:
     p.add_argument("--allow_small_n", action="store_true",
                    help="Score even when N <= feature dim (singular covariance; a rough number).")
     p.add_argument("--threads", type=int, default=None, metavar="T", help="torch CPU threads. Default: torch's.")
+    p.add_argument("--report_to", default="none", metavar="TRACKERS",
+                   help="Also log the scores (and the protocol as the run's config) to these accelerate trackers: "
+                        "none or a comma list (tensorboard, wandb, mlflow, ...; files under output_dir/logs). "
+                        "Default: none.")
     _device_arg(p)
 
     p = sub.add_parser(
@@ -116,6 +120,10 @@ def eval_command(args) -> int:
 
     from .fid import evaluate
 
+    if getattr(args, "report_to", "none") not in (None, "none"):
+        from ..train.distributed import resolve_trackers
+
+        resolve_trackers(args.report_to)  # an unknown or missing tracker fails before the evaluation
     if args.threads:
         torch.set_num_threads(args.threads)
     rec = evaluate(images=args.images, model=args.model, reference=args.reference, features=args.features,
@@ -137,6 +145,13 @@ def eval_command(args) -> int:
     for k, v in rec["scores"].items():
         print(f"{k}: {v:.6g}")
     print(f"written: {args.output_dir}/scores.json (protocol included)")
+    if getattr(args, "report_to", "none") not in (None, "none"):
+        from pathlib import Path
+
+        from ..train.distributed import log_scores
+
+        sent = log_scores(args.report_to, Path(args.output_dir) / "logs", rec["scores"], rec["protocol"])
+        print(f"scores logged to: {', '.join(sent) or 'no tracker'}")
     return 0
 
 

@@ -63,8 +63,11 @@ def build_teacher(cfg: TrainConfig, family: ModelFamily, device, log, given: nn.
     if t is None:
         return None
     t = t.to(device)
-    if DTYPES[cfg.teacher_dtype] != torch.float32:
-        t = t.to(DTYPES[cfg.teacher_dtype])
+    dtype = DTYPES[cfg.teacher_dtype]
+    if cfg.cast_teacher:  # the compute dtype (fp32 without mixed precision)
+        dtype = DTYPES.get(cfg.mixed_precision, torch.float32)
+    if dtype != torch.float32:
+        t = t.to(dtype)
     t.eval().requires_grad_(False)
     return t
 

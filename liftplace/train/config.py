@@ -169,6 +169,11 @@ class TrainConfig:
     max_bad_steps: int = _f(10, "Stop with an error after this many consecutive steps with a non-finite "
                             "loss or gradient (each one is skipped).", "train")
 
+    # --- multi-process training and memory (distributed.py) -------------------------------
+    cast_teacher: bool = _f(False, "Cast the frozen teacher's weights to the compute dtype of mixed_precision "
+                            "(bf16/fp16; fp32 with mixed_precision no); it runs under torch.no_grad() either way. "
+                            "Overrides teacher_dtype, which must then be fp32 or the same dtype.", "train")
+
     # --- distillation --------------------------------------------------------------------
     kd_loss: str = _f("place", "Output distillation: place (LIFT+PLACE), lift (one fit per row), output "
                       "(plain MSE, conventional KD) or none (plain training).", "kd", choices=KD_LOSSES)
@@ -201,9 +206,13 @@ class TrainConfig:
 
     # --- logging and checkpoints ----------------------------------------------------------
     logging_steps: int = _f(10, "Write a metrics.jsonl line every this many steps.", "log")
-    report_to: str = _f("tensorboard", "Also log to TensorBoard (when installed) or to nothing else.", "log",
-                        choices=("tensorboard", "none"))
-    logging_dir: str = _f("logs", "TensorBoard folder, relative to output_dir.", "log")
+    report_to: str = _f("none", "Experiment trackers, through accelerate's tracker support: none, or a comma list "
+                        "of accelerate's tracker names (tensorboard, wandb, mlflow, comet_ml, aim, clearml, dvclive, "
+                        "swanlab, trackio; all: every installed one). A tracker whose package is not installed is an "
+                        "error. Training metrics (means over the processes) and validation grids go to each; "
+                        "metrics.jsonl is written either way.", "log")
+    logging_dir: str = _f("logs", "Folder of the trackers' files (tensorboard events, ...), relative to output_dir.",
+                          "log")
     validation_steps: int = _f(500, "Save a DDIM sample grid from the (EMA) student every this many steps "
                                "and at the end (0: only at the end).", "log")
     num_validation_images: int = _f(16, "Images in each validation grid (per prompt for unet2d_condition).",
@@ -325,6 +334,14 @@ class TrainConfig:
             raise ConfigError(f"guidance_scale must be a finite number >= 1, got {self.guidance_scale}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise ConfigError(f"max_train_samples must be >= 1 (or null), got {self.max_train_samples}")
+        if self.cast_teacher and self.teacher_dtype not in ("fp32", self.mixed_precision):
+            raise ConfigError(f"cast_teacher casts the teacher to the compute dtype of mixed_precision="
+                              f"{self.mixed_precision!r}, but teacher_dtype is {self.teacher_dtype!r}; drop one of "
+                              "the two")
+        if self.report_to.strip().lower() not in ("", "none"):
+            from .distributed import parse_report_to  # accelerate's tracker names
+
+            parse_report_to(self.report_to)
         if self.cache_latents and not self.center_crop:
             raise ConfigError("cache_latents needs center_crop: a random crop would be frozen into the cache")
         if self.student_arch is not None:

@@ -53,6 +53,8 @@ def sample_grid(tr: Trainer) -> Path | None:
                                  batch_size=cfg.num_validation_images, device=tr.device)
     path = save_grid(images, tr.output_dir / "samples" / f"step-{tr.global_step:06d}.png", nrow=nrow)
     tr.log.info(f"saved sample grid {path}")
+    if hasattr(tr, "log_image"):  # to the trackers of report_to (tensorboard, wandb, ...)
+        tr.log_image("validation", path)
     return path
 
 

@@ -7,7 +7,8 @@
         kd_loss.safetensors      the KD loss's buffers (the per-timestep-bucket EMA)
         optimizer.pt             AdamW state: moments and step counts
         lr_scheduler.pt          the schedule's position (checked against the step on resume)
-        random_states.pt         python / numpy / torch RNG
+        random_states.pt         python / numpy / torch RNG (of rank 0)
+        random_states_<r>.pt     the same of rank r > 0, in a multi-process run
         scheduler_config.json    the noise schedule;  config.yaml  the run's config
         trainer_state.json       step, data position, counters, manifest (written by checkpoint.py)
 
@@ -71,13 +72,36 @@ def trainer_state(tr: Trainer) -> dict:
     }
 
 
+def _gather_rng_states(acc) -> list[dict]:
+    """Every process's RNG states, on every process (collective: call on all ranks)."""
+    mine = rng_state()
+    if acc.num_processes == 1:
+        return [mine]
+    states = [None] * acc.num_processes
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def _sharded(acc) -> bool:
+    """FSDP / DeepSpeed: the model's full state dict has to be gathered from all ranks."""
+    return str(acc.distributed_type).split(".")[-1] in ("FSDP", "DEEPSPEED")
+
+
 def save_checkpoint(tr: Trainer) -> Path:
     """Write ``checkpoint-<global_step>`` (main process; every process waits for it)."""
     acc = tr.accelerator
     acc.wait_for_everyone()
+    rng_states = _gather_rng_states(acc)
+    # FSDP / DeepSpeed: gathered on every rank (collective); DDP and one process: the module's own
+    student_state = acc.get_state_dict(tr.student) if _sharded(acc) else None
     if acc.is_main_process:
         def writer(tmp: Path) -> dict:
-            acc.unwrap_model(tr.student).save_pretrained(tmp / "student", safe_serialization=True)
+            raw = acc.unwrap_model(tr.student)
+            if student_state is None:
+                raw.save_pretrained(tmp / "student", safe_serialization=True)
+            else:  # the same files save_pretrained writes, from the gathered state dict
+                raw.save_config(tmp / "student")
+                save_file(_cpu_tensors(student_state), str(tmp / "student" / WEIGHTS))
             if tr.ema is not None:
                 tr.ema.save_pretrained(tmp / "student_ema")
             if tr.adapters is not None:
@@ -85,7 +109,8 @@ def save_checkpoint(tr: Trainer) -> Path:
             save_file(_cpu_tensors(tr.loss_fn.state_dict()), str(tmp / "kd_loss.safetensors"))
             torch.save(tr.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(tr.lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
-            torch.save(rng_state(), tmp / "random_states.pt")
+            for rank, state in enumerate(rng_states):
+                torch.save(state, tmp / ("random_states.pt" if rank == 0 else f"random_states_{rank}.pt"))
             tr.noise_scheduler.save_pretrained(str(tmp))
             tr.cfg.save_yaml(tmp / "config.yaml")
             return trainer_state(tr)
@@ -197,7 +222,8 @@ def load_checkpoint(tr: Trainer, ckpt: Path) -> None:
     kd_path = ckpt / "kd_loss.safetensors"
     if kd_path.is_file():
         tr.loss_fn.load_state_dict(load_safetensors_checked(kd_path, tr.loss_fn.state_dict(), "KD loss state"))
-    set_rng_state(load_torch_state(ckpt / "random_states.pt"))
+    own = ckpt / f"random_states_{acc.process_index}.pt"  # each rank its own RNG states
+    set_rng_state(load_torch_state(own if acc.process_index > 0 and own.is_file() else ckpt / "random_states.pt"))
     tr.global_step = step
     tr.bad_steps = int(state.get("bad_steps", 0))
     tr.consecutive_bad = int(state.get("consecutive_bad_steps", 0))

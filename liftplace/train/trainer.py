@@ -1,6 +1,8 @@
 """The distillation loop on ``accelerate.Accelerator``.
 
-One process runs without a launcher; the same code runs under ``accelerate launch``.
+One process runs without a launcher; the same code runs on several processes under
+``accelerate launch`` or ``torchrun`` (``distributed.py``: launch checks, the global
+micro-batch's randomness, metrics reduced across ranks, trackers).
 Each optimizer step is accumulate -> step-or-skip -> log. Gradient accumulation is
 explicit (consecutive micro-batches of a deterministic stream, ``no_sync`` on all but
 the last), so a checkpoint is always taken at an optimizer-step boundary and resuming
@@ -26,6 +28,8 @@ from .checkpoint import abandon_later_checkpoints, clean_stale_temporaries
 from .build import build_dataset, build_model_to_train, build_student, build_teacher, resolve_family
 from .config import MODEL_TYPES, ConfigError, TrainConfig, validate_models
 from .data import flip_coins, random_hflip
+from .distributed import (ShardedObjective, check_launch, check_scale_engine, global_rows, log_file, log_images,
+                          mean_over_processes, resolve_trackers)
 from .finish import export_model, resolve_steps, sample_grid
 from .models import (FeatureAdapters, FeatureTaps, ModelFamily, block_channels, compression_summary,
                      count_parameters, model_config_dict, select_feature_points)
@@ -56,15 +60,6 @@ def _logger():
     from accelerate.logging import get_logger
 
     return get_logger(__name__)
-
-
-def _tensorboard_available() -> bool:
-    try:
-        from accelerate.utils import is_tensorboard_available
-
-        return bool(is_tensorboard_available())
-    except ImportError:
-        return False
 
 
 def _make_accelerator(cfg: TrainConfig, log_with):
@@ -141,15 +136,21 @@ class Trainer:
         self.model_resolution = family.model_resolution(cfg)  # latent models: resolution / the VAE's factor
         validate_models(cfg, self.role, teacher=self._teacher_in, student=self._student_in,
                         resolution=self.model_resolution)
-        log_with = None
-        if cfg.report_to == "tensorboard":
-            log_with = "tensorboard" if _tensorboard_available() else None
-        self.accelerator = acc = _make_accelerator(cfg, log_with)
+        trackers = resolve_trackers(cfg.report_to)  # unknown or not installed: an error before anything runs
+        self.accelerator = acc = _make_accelerator(cfg, trackers or None)
+        # several processes that are not one accelerate job (or one that should be several): refuse
+        # before anything is written
+        check_launch(acc.num_processes, getattr(acc.distributed_type, "value", str(acc.distributed_type)))
+        check_scale_engine(getattr(acc.distributed_type, "value", str(acc.distributed_type)))
         self.log = _logger()
-        if cfg.report_to == "tensorboard" and log_with is None:
-            self.log.info("tensorboard is not installed; metrics go to metrics.jsonl only")
         self.device = acc.device
-        set_seed(cfg.seed)
+        self.rank, self.world_size = acc.process_index, acc.num_processes
+        set_seed(cfg.seed, device_specific=True)  # the global RNGs: seed + rank (the models use their own seeds)
+        self.distributed_type = getattr(acc.distributed_type, "value", str(acc.distributed_type))
+        self.log.info(f"{self.world_size} process(es) ({self.distributed_type}, {self.device}); batch "
+                      f"{cfg.train_batch_size} per process x {self.world_size} x {cfg.gradient_accumulation_steps} "
+                      f"accumulated = {cfg.train_batch_size * self.world_size * cfg.gradient_accumulation_steps} "
+                      "samples per optimizer step", main_process_only=True)
         # frozen encoders (VAE latents, prompt embeddings) in the compute dtype, as diffusers' scripts
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
         self.encoders = family.build_encoders(cfg, self.device, weight_dtype)
@@ -200,10 +201,13 @@ class Trainer:
                 self.adapters = FeatureAdapters(pairs)
             taps = (FeatureTaps(t_pts), FeatureTaps(s_pts))
 
-        params = list(self.student.parameters()) + (list(self.adapters.parameters()) if self.adapters else [])
+        adapter_params = list(self.adapters.parameters()) if self.adapters is not None else []
+        params = list(self.student.parameters()) + adapter_params
         optimizer = make_optimizer(params, cfg)
         self.lr_scheduler = make_lr_scheduler(cfg, optimizer)
-        if self.adapters is not None:
+        # the trainable modules go through accelerate (DDP/FSDP/DeepSpeed wrappers): the student and
+        # the feature adapters (when any has weights); the teacher and the frozen encoders do not
+        if adapter_params:
             self.student, self.adapters, self.optimizer = acc.prepare(self.student, self.adapters, optimizer)
         else:
             self.student, self.optimizer = acc.prepare(self.student, optimizer)
@@ -215,7 +219,9 @@ class Trainer:
                                 inv_gamma=cfg.ema_inv_gamma, power=cfg.ema_power, model_cls=type(raw),
                                 model_config=raw.config)
             self.ema.to(self.device)
-        self.loss_fn = DistillationLoss(cfg, family, self.objective, self.student, self.teacher,
+        # noise and timesteps drawn for the global micro-batch, this rank's rows kept (distributed.py)
+        objective = ShardedObjective(self.objective, self.rank, self.world_size)
+        self.loss_fn = DistillationLoss(cfg, family, objective, self.student, self.teacher,
                                         feature_taps=taps, adapters=self.adapters, teacher_cache=self.teacher_cache)
 
         if self._dataset_in is not None:
@@ -258,10 +264,30 @@ class Trainer:
             return
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps({k: _scalar(v) for k, v in record.items()}) + "\n")
-        if self.accelerator.trackers:
-            self.accelerator.log({k: float(v) for k, v in record.items()
-                                  if isinstance(v, (int, float, torch.Tensor)) and k != "step"
-                                  and _scalar(v) is not None}, step=record["step"])
+        self.log_to_trackers({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def log_to_trackers(self, values: dict, step: int | None = None) -> None:
+        """Scalars to the trackers of ``report_to`` (main process; non-numbers and non-finite values
+        are left out). Validation grids go there too (:meth:`log_image`)."""
+        acc = self.accelerator
+        if not acc.trackers or not acc.is_main_process:
+            return
+        scalars = {k: float(v) for k, v in values.items()
+                   if isinstance(v, (int, float, torch.Tensor)) and not isinstance(v, bool) and _scalar(v) is not None}
+        acc.log(scalars, step=self.global_step if step is None else step)
+
+    def log_image(self, name: str, path: Path) -> None:
+        """A saved image (a validation grid) to the trackers that take images, and as a file to
+        those that store files (main process)."""
+        acc = self.accelerator
+        if not acc.trackers or not acc.is_main_process:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(path) as im:
+            log_images(acc, name, np.asarray(im.convert("RGB")), self.global_step)
+        log_file(acc, path)
 
     # --- checkpoints (state.py) -----------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -287,14 +313,26 @@ class Trainer:
             self.ema.restore(raw.parameters())
 
     def validate(self) -> Path | None:
-        return sample_grid(self)
+        """A sample grid (main process; the others wait)."""
+        path = sample_grid(self)
+        self.accelerator.wait_for_everyone()
+        return path
 
     def export(self) -> Path | None:
         return export_model(self)
 
     # --- the loop -------------------------------------------------------------------------------
     def _step_generator(self, micro_index: int) -> torch.Generator:
-        return torch.Generator().manual_seed(mix_seed(self.cfg.seed, micro_index, self.accelerator.process_index))
+        """Micro-batch ``micro_index``'s generator, the same on every rank: it draws the flips, noise
+        and timesteps of the global micro-batch, of which each rank keeps its rows."""
+        return torch.Generator().manual_seed(mix_seed(self.cfg.seed, micro_index, 0))
+
+    def _rank_generator(self, micro_index: int, gen: torch.Generator) -> torch.Generator:
+        """The generator of draws made per rank (frozen encoders: VAE posterior samples, caption
+        dropout): ``gen`` itself for one process, else one seeded by ``(seed, micro_index, rank)``."""
+        if self.world_size == 1:
+            return gen
+        return torch.Generator().manual_seed(mix_seed(self.cfg.seed, micro_index, self.rank, 0xE4C))
 
     def _any(self, flag: bool) -> bool:
         acc = self.accelerator
@@ -303,15 +341,17 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(acc.reduce(t, reduction="sum").item() > 0)
 
-    def _inputs(self, batch: dict, gen: torch.Generator) -> tuple[Tensor, dict]:
-        """Clean samples (flipped when ``random_flip``, coins from ``gen``) and the conditioning
-        the family takes from the batch (its ``cond_keys``)."""
+    def _inputs(self, batch: dict, gen: torch.Generator, rank_gen: torch.Generator | None = None
+                ) -> tuple[Tensor, dict]:
+        """Clean samples (flipped when ``random_flip``, coins from ``gen`` for the global micro-batch)
+        and the conditioning the family takes from the batch (its ``cond_keys``)."""
         clean = batch["pixel_values"].to(self.device)
-        flips = flip_coins(clean.shape[0], gen) if self.cfg.random_flip else None
-        if flips is not None:
+        flips = None
+        if self.cfg.random_flip:
+            flips = global_rows(flip_coins(clean.shape[0] * self.world_size, gen), self.rank, self.world_size)
             clean = random_hflip(clean, gen, flips)
         if self.encoders is not None:  # pixels (or cached posteriors) -> latents, captions -> prompt embeddings
-            clean, encoded = self.encoders.encode_batch(clean, batch, gen, flips)
+            clean, encoded = self.encoders.encode_batch(clean, batch, rank_gen or gen, flips)
             batch = {**batch, **encoded}
         missing = [k for k in self.family.cond_keys if k not in batch]
         if missing:
@@ -332,7 +372,7 @@ class Trainer:
             if reason is not None:
                 continue  # keep the data position; nothing to compute for a skipped step
             gen = self._step_generator(k)
-            clean, cond = self._inputs(batch, gen)
+            clean, cond = self._inputs(batch, gen, self._rank_generator(k, gen))
             sync = contextlib.nullcontext() if j == accum - 1 else acc.no_sync(self.student)
             with sync:
                 out = self.loss_fn(clean, cond, gen, self.global_step, with_stats=with_stats,
@@ -390,7 +430,10 @@ class Trainer:
     def _log_step(self, sums: dict[str, Tensor], reason: str | None, grad_norm, lr: float, dt: float,
                   with_stats: bool) -> None:
         cfg, step, accum = self.cfg, self.global_step, self.cfg.gradient_accumulation_steps
-        bad = reason is not None
+        bad = reason is not None  # the same on every rank (_any)
+        # every logged value is the mean over the processes (one all-reduce; the adaptive weights and
+        # per-bucket statistics are already the same on every rank, so their mean is that value)
+        sums = mean_over_processes(self.accelerator, sums) if not bad else {}
         loss_value = float(sums["loss"]) if not bad else float("nan")
         if not bad:
             self._loss_window.append(loss_value)
@@ -429,6 +472,7 @@ class Trainer:
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             clean_stale_temporaries(self.output_dir)
+        acc.wait_for_everyone()  # stale temporaries gone, a rewind finished: every rank sees the same folder
         ckpt = resolve_resume(cfg, self.output_dir, self.log)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
@@ -440,7 +484,8 @@ class Trainer:
             acc.init_trackers("liftplace", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                    for k, v in cfg.to_dict().items()})
         self._bar = None
-        if cfg.progress_bar and acc.is_local_main_process:
+        acc.wait_for_everyone()  # config.yaml written and metrics truncated before any rank trains
+        if cfg.progress_bar and acc.is_main_process:  # one bar, on rank 0
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=cfg.max_train_steps, initial=self.global_step, desc=f"{self.role} {cfg.kd_loss}",
@@ -468,20 +513,24 @@ class Trainer:
                 self._stop_if_diverged(reason)
                 self._log_step(sums, reason, grad_norm, lr, time.perf_counter() - t0, with_stats)
                 self._after_step(reason)
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            ran = self.global_step - first_step
+            if ran and skipped == ran:
+                raise TrainingDivergedError(
+                    f"every one of the {ran} steps of this run (steps {first_step + 1}-{self.global_step}) was "
+                    f"skipped: non-finite loss or gradient (last: {reason}); nothing was trained and nothing is "
+                    "exported. Check the teacher, the data and the checkpoint resumed from, or lower learning_rate.")
+            if self.global_step >= cfg.max_train_steps:
+                for finish in self.end_of_run:  # before end_training: the final grid goes to the trackers too
+                    finish(self)
+            acc.wait_for_everyone()  # no process leaves while rank 0 still writes
         finally:
             if self._bar is not None:
                 self._bar.close()
             if acc.log_with:
                 acc.end_training()
-        ran = self.global_step - first_step
-        if ran and skipped == ran:
-            raise TrainingDivergedError(
-                f"every one of the {ran} steps of this run (steps {first_step + 1}-{self.global_step}) was skipped: "
-                f"non-finite loss or gradient (last: {reason}); nothing was trained and nothing is exported. "
-                "Check the teacher, the data and the checkpoint resumed from, or lower learning_rate.")
-        if self.global_step >= cfg.max_train_steps:
-            for finish in self.end_of_run:
-                finish(self)
         return TrainResult(output_dir=self.output_dir, global_step=self.global_step, model_dir=self.model_dir,
                            metrics_path=self.metrics_path, bad_steps=self.bad_steps,
                            last_checkpoint=self.last_checkpoint, wall_time=time.perf_counter() - t_start,
