@@ -68,6 +68,10 @@ class ModelFamily:
     def check_supported(self, config: dict, what: str) -> None:
         pass
 
+    def class_for_config(self, config: dict):
+        """The class that builds ``config`` (a pruned student's config needs its own, see prune.py)."""
+        return self.model_class()
+
     def build_encoders(self, cfg, device, dtype):
         """The frozen encoders between the data and the denoiser (latents, prompt embeddings), or
         None when the model takes the dataset's pixels directly."""
@@ -82,12 +86,17 @@ class UNet2DFamily(ModelFamily):
     """Unconditional pixel-space ``diffusers.UNet2DModel``."""
 
     name = "unet2d"
-    class_names = ("UNet2DModel",)
+    class_names = ("UNet2DModel", "PrunedUNet2DModel")
 
     def model_class(self):
         from diffusers import UNet2DModel
 
         return UNet2DModel
+
+    def class_for_config(self, config):
+        from .prune import is_pruned_config, pruned_model_class
+
+        return pruned_model_class() if is_pruned_config(config) else self.model_class()
 
     def forward(self, model, noisy, timesteps, cond):
         return model(noisy, timesteps, return_dict=False)[0]
@@ -268,7 +277,7 @@ def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir)
     family.check_supported(cfg, what)
-    cls = family.model_class()
+    cls = family.class_for_config(cfg)
     try:
         model = cls.from_pretrained(str(model_dir), torch_dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - name the folder whatever diffusers raised
@@ -278,7 +287,7 @@ def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -
 
 def build_from_config(config: dict, family: ModelFamily, what: str, seed: int | None = None) -> nn.Module:
     family.check_supported(config, what)
-    cls = family.model_class()
+    cls = family.class_for_config(config)
     clean = {k: v for k, v in config.items() if k not in _PRIVATE_KEYS}
     try:
         if seed is None:
