@@ -14,7 +14,7 @@ timesteps, optimiser, learning rate and steps, and the rows' methods share the t
 outputs in memory (a digest-verified cache; the numbers equal separate runs). Each finished
 *cell* (row x method) leaves ``cells/<arch>/seed<S>/<method>/result.json``; a rerun skips it,
 so the script resumes per cell. ``--shard i/n`` splits the rows over n processes (one thread
-each). Measures per cell: classifier-Fréchet of DDIM samples (the demo's yardstick), held-out
+each); a cell checkpoints every fifth of its steps and an interrupted cell resumes from there. Measures per cell: classifier-Fréchet of DDIM samples (the demo's yardstick), held-out
 teacher agreement (output MSE) by timestep range, stability (largest loss spike relative to
 the running median of the previous ten logged losses, skipped steps, divergence) and wall time.
 ``--report`` (also run at the end of every shard) writes ``report.md`` (mean ± sample std per
@@ -120,7 +120,8 @@ class Context:
         self.noise = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
 
     def base(self) -> dict:
-        base = dict(BASE, max_train_steps=self.args.steps, checkpointing_steps=self.args.steps)
+        base = dict(BASE, max_train_steps=self.args.steps, checkpointing_steps=max(1, self.args.steps // 5),
+                    checkpoints_total_limit=1)
         if self.args.tiny:
             base.update(TINY, checkpointing_steps=TINY["max_train_steps"])
             base.pop("pretrained_model_name_or_path")
@@ -166,8 +167,12 @@ def run_cell(ctx: Context, arch, seed: int, method: str, cache) -> dict:
     done = cell / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    shutil.rmtree(cell, ignore_errors=True)
-    cfg = build_config(None, row_config(ctx, arch, seed, method, cell))
+    over = row_config(ctx, arch, seed, method, cell)
+    if list(cell.glob("checkpoint-*")):  # an interrupted cell resumes from its last checkpoint
+        over["resume_from_checkpoint"] = "latest"
+    else:
+        shutil.rmtree(cell, ignore_errors=True)
+    cfg = build_config(None, over)
     t0 = time.perf_counter()
     result = {"arch": arch_name(arch), "ratio": None if arch == "random" else float(arch), "seed": seed,
               "method": method, "label": METHODS[method][0], "steps": cfg.max_train_steps}
@@ -391,7 +396,8 @@ def parse_args(argv=None):
     p.add_argument("--ratios", default="0.5,0.75,0.85", help="pruning ratios (about 25 %%, 6.4 %%, 2.1 %%)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the pruned rows")
     p.add_argument("--random_seeds", default="", help="seeds of the random-init row (smallest architecture)")
-    p.add_argument("--methods", default=",".join(m for m in METHODS if m not in ("anneal_fitnet", "none")))
+    p.add_argument("--methods", default="output,place_anneal,place,output_fitnet,place_l2,lift,place_fitnet",
+                   help="in run order: the cheap ones (teacher outputs reused from the row's first run) first")
     p.add_argument("--random_methods", default="output,place_anneal")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--num_samples", type=int, default=359)
@@ -409,6 +415,8 @@ def parse_args(argv=None):
             a.seeds = "0,1"
         if not a.random_seeds:
             a.random_seeds = "0"
+        if a.methods == p.get_default("methods"):
+            a.methods = "output,output_fitnet,place,place_anneal"
     a.ratios = [float(x) for x in a.ratios.split(",") if x]
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
     a.random_seeds = [int(x) for x in a.random_seeds.split(",") if x]

@@ -380,7 +380,7 @@ def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.M
     or ``teacher_name:student_name``. Any module path of the models is allowed, below block
     level too (``down_blocks.2.attentions.1.proj_out``). Resolved on the unwrapped models."""
     t_points, s_points = family.feature_points(teacher), family.feature_points(student)
-    if spec.strip() == "all":  # every block (not the resnets/attentions inside them)
+    if spec.strip() == "all":  # every block (not the resnets/attentions inside them); a pruned student keeps the names
         pairs = [(n, n) for n in t_points if n.count(".") <= 1]
     elif spec.strip() == "bk_sdm":
         if student_arch is None:

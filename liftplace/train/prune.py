@@ -466,18 +466,6 @@ def make_copy_student(cfg, teacher: nn.Module, *, verbose: bool = True):
     return student
 
 
-def copy_feature_pairs(cfg, teacher: nn.Module, student: nn.Module) -> list[tuple[str, str]]:
-    """Feature-KD pairs of a ``copy`` student: every block against the teacher block it came from."""
-    from .bk import student_plan
-
-    plan = student_plan(copy_plan_arch(cfg, model_config_dict(teacher)), model_config_dict(teacher))
-    pairs = [(f"down_blocks.{i}",) * 2 for i in range(len(student.down_blocks))]
-    if student.mid_block is not None:
-        pairs.append(("mid_block", "mid_block"))
-    pairs += [(plan.teacher_name(f"up_blocks.{i}"), f"up_blocks.{i}") for i in range(len(student.up_blocks))]
-    return pairs
-
-
 def ratio_for_share(share: float) -> float:
     """The pruning ratio whose nominal share ``(1 - r)^2`` is ``share``."""
     return 1 - math.sqrt(share)
