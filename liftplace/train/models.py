@@ -86,7 +86,8 @@ class UNet2DFamily(ModelFamily):
     """Unconditional pixel-space ``diffusers.UNet2DModel``."""
 
     name = "unet2d"
-    class_names = ("UNet2DModel", "PrunedUNet2DModel")
+    class_names = ("UNet2DModel",)
+    derived_class_names = ("PrunedUNet2DModel",)  # a student pruned from a UNet2DModel (prune.py)
 
     def model_class(self):
         from diffusers import UNet2DModel
@@ -267,7 +268,7 @@ def family_for_config(config: dict, default: str) -> ModelFamily:
     if cls is None:
         return get_family("unet2d_condition" if "cross_attention_dim" in config else default)
     for fam in FAMILIES.values():
-        if cls in fam.class_names:
+        if cls in fam.class_names or cls in getattr(fam, "derived_class_names", ()):
             return fam
     raise ConfigError(f"model class {cls!r} is not supported; supported families: "
                       + ", ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES.values()))
