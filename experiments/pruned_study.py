@@ -14,7 +14,7 @@ timesteps, optimiser, learning rate and steps, and the rows' methods share the t
 outputs in memory (a digest-verified cache; the numbers equal separate runs). Each finished
 *cell* (row x method) leaves ``cells/<arch>/seed<S>/<method>/result.json``; a rerun skips it,
 so the script resumes per cell. ``--shard i/n`` splits the rows over n processes (one thread
-each); a cell checkpoints every fifth of its steps and an interrupted cell resumes from there. Measures per cell: classifier-Fréchet of DDIM samples (the demo's yardstick), held-out
+each); a cell checkpoints every tenth of its steps and an interrupted cell resumes from there. Measures per cell: classifier-Fréchet of DDIM samples (the demo's yardstick), held-out
 teacher agreement (output MSE) by timestep range, stability (largest loss spike relative to
 the running median of the previous ten logged losses, skipped steps, divergence) and wall time.
 ``--report`` (also run at the end of every shard) writes ``report.md`` (mean ± sample std per
@@ -120,7 +120,7 @@ class Context:
         self.noise = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
 
     def base(self) -> dict:
-        base = dict(BASE, max_train_steps=self.args.steps, checkpointing_steps=max(1, self.args.steps // 5),
+        base = dict(BASE, max_train_steps=self.args.steps, checkpointing_steps=max(1, self.args.steps // 10),
                     checkpoints_total_limit=1)
         if self.args.tiny:
             base.update(TINY, checkpointing_steps=TINY["max_train_steps"])
