@@ -12,7 +12,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH)"
 	$(PIP) install "scikit-build-core>=0.10" cmake ninja numpy pytest hypothesis \
 	    "diffusers>=0.30" "accelerate>=0.30" "transformers>=4.40" safetensors pyyaml tqdm pillow scikit-learn matplotlib scipy \
-	    tensorboard
+	    tensorboard "torch-pruning>=1.6,<1.7"
 	touch $@
 
 venv: $(VENV)/.deps

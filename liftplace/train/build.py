@@ -90,7 +90,13 @@ def build_student(cfg: TrainConfig, family: ModelFamily, device, teacher: nn.Mod
                   given: nn.Module | None = None):
     """The student: given, loaded, built from ``student_config`` or derived from the teacher."""
     s = given
-    if s is None and cfg.student_model_name_or_path is not None:
+    if s is None and cfg.student_init in ("prune", "copy"):  # made from the teacher (prune.py)
+        if teacher is None:
+            raise ConfigError(f"student_init={cfg.student_init} makes the student from the teacher: set a teacher")
+        from .prune import make_copy_student, make_pruned_student
+
+        s = (make_pruned_student if cfg.student_init == "prune" else make_copy_student)(cfg, teacher)
+    elif s is None and cfg.student_model_name_or_path is not None:
         s = load_pretrained(cfg.student_model_name_or_path, family, "student (student_model_name_or_path)")
     elif s is None and cfg.student_depth is not None:
         if teacher is None or not hasattr(teacher, "transformer_blocks"):

@@ -91,6 +91,21 @@ class TrainConfig:
         "1..the teacher's), K stages kept (1..the teacher's; the innermost ones go), mid block kept or not "
         "(default 1); up stage i keeps D(K+1-i)+1 layers, the first D and the teacher's last. "
         "bk_small = custom:down=1,1,1,1;mid=0 for a 4-stage teacher.", "model")
+    # --- students made from the teacher (prune.py) ---
+    student_init: str = _f("random", "How the student starts: random (the architecture of student_config or derived "
+                           "from the teacher, random weights; student_arch copies weights as it says), prune (the "
+                           "pixel UNet2DModel teacher structurally pruned with Torch-Pruning at pruning_ratio, "
+                           "Diff-Pruning; GroupNorm regrouped to >= 2 channels per group; the parameter share reached "
+                           "is printed) or copy (width-preserving block removal, BK-SDM's rule for a UNet2DModel: "
+                           "student_layers_per_block, or student_arch, resnets kept per stage, weights copied).",
+                           "model", choices=("random", "prune", "copy"))
+    pruning_ratio: float = _f(0.5, "student_init=prune: share of channels removed from every prunable layer (local "
+                              "pruning); the parameter share is about (1 - r)^2: 0.5, 0.75 and 0.85 keep 0.252, 0.064 "
+                              "and 0.021 of the digits teacher's parameters.", "model")
+    pruning_importance: str = _f("magnitude", "student_init=prune: channel importance: magnitude (L2 norm of the "
+                                 "weights), taylor (Diff-Pruning: |w * grad| of the diffusion loss over early "
+                                 "timesteps on the first training batches) or random (seeded).", "model",
+                                 choices=("magnitude", "taylor", "random"))
     pretrained_vae_model_name_or_path: str | None = _f(
         None, "unet2d_condition: the AutoencoderKL folder (default: vae/ of the teacher's pipeline folder); "
         "dit / sd3: train on this VAE's latents (default: pixels).", "model")
@@ -350,6 +365,19 @@ class TrainConfig:
                                               or self.student_model_name_or_path is not None):
             raise ConfigError("set only one of student_arch, student_config and student_model_name_or_path "
                               "(the student)")
+        if self.student_init != "random":
+            others = [k for k in ("student_config", "student_model_name_or_path") if getattr(self, k) is not None]
+            if self.student_init == "prune" and self.student_arch is not None:
+                others.append("student_arch")
+            if others:
+                raise ConfigError(f"student_init={self.student_init} makes the student from the teacher; unset "
+                                  f"{' and '.join(others)} (or use student_init=random)")
+            if self.pretrained_model_name_or_path is None and self.teacher_config is None:
+                raise ConfigError(f"student_init={self.student_init} makes the student from the teacher: set "
+                                  "pretrained_model_name_or_path (or teacher_config)")
+        if not (0 <= self.pruning_ratio < 1):
+            raise ConfigError(f"pruning_ratio must be in [0, 1) (the share of channels removed per layer), got "
+                              f"{self.pruning_ratio}")
         if not 0 < self.student_width_mult <= 1:
             raise ConfigError(f"student_width_mult must be in (0, 1], got {self.student_width_mult}")
         if self.group_size < 2:

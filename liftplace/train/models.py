@@ -70,6 +70,10 @@ class ModelFamily:
     def check_supported(self, config: dict, what: str) -> None:
         pass
 
+    def class_for_config(self, config: dict):
+        """The class that builds ``config`` (a pruned student's config needs its own, see prune.py)."""
+        return self.model_class()
+
     def build_encoders(self, cfg, device, dtype):
         """The frozen encoders between the data and the denoiser (latents, prompt embeddings), or
         None when the model takes the dataset's pixels directly."""
@@ -99,11 +103,17 @@ class UNet2DFamily(ModelFamily):
 
     name = "unet2d"
     class_names = ("UNet2DModel",)
+    derived_class_names = ("PrunedUNet2DModel",)  # a student pruned from a UNet2DModel (prune.py)
 
     def model_class(self):
         from diffusers import UNet2DModel
 
         return UNet2DModel
+
+    def class_for_config(self, config):
+        from .prune import is_pruned_config, pruned_model_class
+
+        return pruned_model_class() if is_pruned_config(config) else self.model_class()
 
     def forward(self, model, noisy, timesteps, cond):
         return model(noisy, timesteps, return_dict=False)[0]
@@ -412,7 +422,7 @@ def family_for_config(config: dict, default: str) -> ModelFamily:
     if cls is None:
         return get_family("unet2d_condition" if "cross_attention_dim" in config else default)
     for fam in FAMILIES.values():
-        if cls in fam.class_names:
+        if cls in fam.class_names or cls in getattr(fam, "derived_class_names", ()):
             return fam
     raise ConfigError(f"model class {cls!r} is not supported; supported families: "
                       + ", ".join(f"{f.name} ({', '.join(f.class_names)})" for f in FAMILIES.values()))
@@ -422,7 +432,7 @@ def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -
     model_dir = resolve_model_dir(path)
     cfg = read_config(model_dir)
     family.check_supported(cfg, what)
-    cls = family.model_class()
+    cls = family.class_for_config(cfg)
     try:
         model = cls.from_pretrained(str(model_dir), torch_dtype=dtype)
     except Exception as exc:  # noqa: BLE001 - name the folder whatever diffusers raised
@@ -432,7 +442,7 @@ def load_pretrained(path, family: ModelFamily, what: str, dtype=torch.float32) -
 
 def build_from_config(config: dict, family: ModelFamily, what: str, seed: int | None = None) -> nn.Module:
     family.check_supported(config, what)
-    cls = family.model_class()
+    cls = family.class_for_config(config)
     clean = {k: v for k, v in config.items() if k not in _PRIVATE_KEYS}
     try:
         if seed is None:
@@ -532,7 +542,7 @@ def select_feature_points(family: ModelFamily, teacher: nn.Module, student: nn.M
     if spec.strip() == "all" and kept is not None:
         # a depth-pruned student: block i <-> the teacher block it was copied from
         pairs = [(f"transformer_blocks.{src}", f"transformer_blocks.{i}") for i, src in enumerate(kept)]
-    elif spec.strip() == "all":  # every block (not the resnets/attentions inside them)
+    elif spec.strip() == "all":  # every block (not the resnets/attentions inside them); a pruned student keeps the names
         pairs = [(n, n) for n in t_points if n.count(".") <= 1]
     elif spec.strip() == "bk_sdm":
         if student_arch is None:

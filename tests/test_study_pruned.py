@@ -1,0 +1,55 @@
+"""experiments/pruned_study.py --tiny: the whole grid machinery end to end in under a minute."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("diffusers")
+pytest.importorskip("torch_pruning")
+
+SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "pruned_study.py"
+
+
+def run(out, *extra):
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--output_dir", str(out), *extra],
+                          capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                             "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, time.perf_counter() - t0
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "study"
+    proc, wall = run(out)
+    results = json.loads((out / "results.json").read_text())
+    cells = results["cells"]
+    # 2 seeds x 4 methods of the pruned student + the random-init row (2 methods, seed 0)
+    assert len(cells) == 10 and not any(c["diverged"] for c in cells)
+    assert {c["arch"] for c in cells} == {"prune0.5", "random"}
+    for c in cells:
+        assert c["frechet"] >= 0 and 0 < c["share"] < 1 and set(c["heldout_mse_by_t"]) == {"t<333", "333<=t<666",
+                                                                                            "t>=666"}
+        assert c["bad_steps"] == 0 and c["train_s"] > 0
+    # the random-init row has the architecture of the pruned one
+    shares = {c["arch"]: c["student_params"] for c in cells}
+    assert shares["random"] == shares["prune0.5"]
+    pair = results["paired"]["prune0.5:place_anneal-vs-output"]
+    assert pair["n"] == 2 and len(pair["diffs"]) == 2
+    text = (out / "report.md").read_text()
+    assert "Paired differences" in text and "PLACE + anneal" in text and "share" in text
+    assert (out / "quality_vs_share.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
+    assert "shard done" in (out / "progress.log").read_text()
+    # resumable per cell: a finished cell is not rerun; a removed one is
+    victim = out / "cells" / "prune0.5" / "seed1" / "place" / "result.json"
+    before = {p: p.stat().st_mtime_ns for p in (out / "cells").glob("*/*/*/result.json") if p != victim}
+    victim.unlink()
+    run(out)
+    assert victim.is_file()
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())
+    assert wall < 120  # the first, full tiny run (a minute on an idle machine)
