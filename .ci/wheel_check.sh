@@ -23,7 +23,7 @@ LIFTPLACE_CUDA=OFF "$root/.venv/bin/python" -m pip --disable-pip-version-check -
 ls "$work"/from-sdist/liftplace-*.whl
 python3 -m venv "$work/venv"
 "${PIP[@]}" install "$TORCH_PKG" 2> >(quiet)
-"${PIP[@]}" install "$whl[train,test]" 2> >(quiet)
+"${PIP[@]}" install "$whl[train,test,prune]" 2> >(quiet)
 # The tests (and the docs/configs some of them check) without the package sources; PATH
 # holds the venv and basic tools, no compiler.
 cp -r tests docs configs "$work/"
