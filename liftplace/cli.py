@@ -184,7 +184,7 @@ def _sample_command(args) -> int:
                                batch_size=args.batch_size, device=device, progress=True)
     elif family.name == "dit" or str(sched_cfg.get("_class_name", "")).startswith("FlowMatch"):
         # class-conditional DiT and flow-matching models: the sampler of the scheduler they were trained with
-        from .train.dit import sample_images, scheduler_from_config
+        from .train.sampling import sample_images, scheduler_from_config
 
         if args.prompt:
             raise ValueError(f"--prompt: the model in {model_dir} is not text-conditional")

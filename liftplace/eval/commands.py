@@ -168,7 +168,7 @@ def train_classifier_command(args) -> int:
 def cost_command(args) -> int:
     import torch
 
-    from ..train.dit import scheduler_from_config
+    from ..train.sampling import scheduler_from_config
     from ..train.sampling import load_for_sampling
     from .cost import compare_cost, format_cost, model_cost, sampler_name
 

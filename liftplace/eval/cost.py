@@ -171,7 +171,7 @@ def model_cost(model: nn.Module, family: ModelFamily, sample_shape, *, name: str
     (its training mode is restored). ``device``/``dtype`` (``"fp32"``, ``"bf16"``, ``"fp16"``)
     move or cast the model in place (``None``: keep its own). With a ``scheduler`` a full DDIM
     sample of ``num_inference_steps`` steps is timed too."""
-    from ..train.dit import sample_images
+    from ..train.sampling import sample_images
 
     for key, v in (("batch_size", batch_size), ("num_inference_steps", num_inference_steps),
                    ("repeats", repeats), ("sample_repeats", sample_repeats)):

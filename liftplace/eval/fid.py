@@ -194,7 +194,8 @@ def generate_samples(model_path, samples_dir, num_images: int, *, batch_size: in
     class ``i % K`` (balanced classes), guided by ``guidance_scale`` against the null class.
     ``samples.json`` records the settings; a folder made with other settings is refused.
     Returns that record."""
-    from ..train.dit import LatentEncoder, sample_images, scheduler_from_config
+    from ..train.dit import LatentEncoder
+    from ..train.sampling import sample_images, scheduler_from_config
     from ..train.sampling import ddim_sample, ddim_scheduler_from, load_for_sampling, save_images
     from .cost import sampler_name
 

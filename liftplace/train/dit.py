@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import ConfigError, parse_layer_selection
+from .sampling import sample_images, scheduler_from_config  # noqa: F401  (the general sampler lives in sampling.py)
 
 
 # --- labels ------------------------------------------------------------------------------------
@@ -322,48 +323,6 @@ def build_depth_pruned_student(cfg, family, teacher: nn.Module, device) -> nn.Mo
 
 
 # --- sampling ----------------------------------------------------------------------------------
-
-def scheduler_from_config(sched_cfg: dict):
-    """The scheduler a model was trained with, from its ``scheduler_config.json``."""
-    import diffusers
-
-    name = sched_cfg.get("_class_name", "DDPMScheduler")
-    cls = getattr(diffusers, name, None)
-    if cls is None:
-        raise ValueError(f"unknown scheduler class {name!r} in the scheduler config")
-    return cls.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
-
-
-@torch.no_grad()
-def sample_images(family, model: nn.Module, scheduler, num_images: int, sample_shape, *, seed: int = 0,
-                  num_inference_steps: int = 50, batch_size: int = 64, device=None, cond: dict | None = None,
-                  uncond: dict | None = None, guidance_scale: float = 1.0, clamp: bool = True) -> Tensor:
-    """Samples with the sampler that matches ``scheduler`` (see the module notes); image ``i``
-    starts from the noise of ``seed + i``."""
-    from .flow import flow_sample
-    from .sampling import ddim_sample, ddim_scheduler_from
-
-    kw = dict(seed=seed, num_inference_steps=num_inference_steps, batch_size=batch_size, device=device, cond=cond,
-              uncond=uncond, guidance_scale=guidance_scale, clamp=clamp)
-    name = type(scheduler).__name__
-    if name.startswith("FlowMatch"):
-        return flow_sample(family, model, scheduler, num_images, sample_shape, **kw)
-    if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
-        return _ddpm_learned_sample(family, model, scheduler, num_images, sample_shape, **kw)
-    if family.learned_sigma(dict(model.config)):
-        # DDIM ignores the variance: sample from the mean half only (diffusers' DiTPipeline does the same)
-        c, full = sample_shape[0], family
-
-        class _MeanHalf:
-            name, cond_keys = full.name, full.cond_keys
-
-            @staticmethod
-            def forward(m, x, t, cd):
-                return full.forward(m, x, t, cd)[:, :c]
-
-        family = _MeanHalf()
-    return ddim_sample(family, model, ddim_scheduler_from(scheduler.config), num_images, sample_shape, **kw)
-
 
 def _ddpm_learned_sample(family, model, scheduler, num_images, sample_shape, *, seed, num_inference_steps,
                          batch_size, device, cond, uncond, guidance_scale, clamp):

@@ -76,6 +76,48 @@ def ddim_sample(family: ModelFamily, model: nn.Module, scheduler, num_images: in
     return torch.cat(out)
 
 
+def scheduler_from_config(sched_cfg: dict):
+    """The scheduler a model was trained with, from its ``scheduler_config.json``."""
+    import diffusers
+
+    name = sched_cfg.get("_class_name", "DDPMScheduler")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"unknown scheduler class {name!r} in the scheduler config")
+    return cls.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
+
+
+@torch.no_grad()
+def sample_images(family, model: nn.Module, scheduler, num_images: int, sample_shape, *, seed: int = 0,
+                  num_inference_steps: int = 50, batch_size: int = 64, device=None, cond: dict | None = None,
+                  uncond: dict | None = None, guidance_scale: float = 1.0, clamp: bool = True) -> Tensor:
+    """Samples with the sampler that matches ``scheduler`` (see the module notes); image ``i``
+    starts from the noise of ``seed + i``."""
+    from .dit import _ddpm_learned_sample
+    from .flow import flow_sample
+
+    kw = dict(seed=seed, num_inference_steps=num_inference_steps, batch_size=batch_size, device=device, cond=cond,
+              uncond=uncond, guidance_scale=guidance_scale, clamp=clamp)
+    name = type(scheduler).__name__
+    if name.startswith("FlowMatch"):
+        return flow_sample(family, model, scheduler, num_images, sample_shape, **kw)
+    if getattr(scheduler.config, "variance_type", None) in ("learned", "learned_range"):
+        return _ddpm_learned_sample(family, model, scheduler, num_images, sample_shape, **kw)
+    if family.learned_sigma(dict(model.config)):
+        # DDIM ignores the variance: sample from the mean half only (diffusers' DiTPipeline does the same)
+        c, full = sample_shape[0], family
+
+        class _MeanHalf:
+            name, cond_keys = full.name, full.cond_keys
+
+            @staticmethod
+            def forward(m, x, t, cd):
+                return full.forward(m, x, t, cd)[:, :c]
+
+        family = _MeanHalf()
+    return ddim_sample(family, model, ddim_scheduler_from(scheduler.config), num_images, sample_shape, **kw)
+
+
 def text_to_image(family: ModelFamily, model: nn.Module, encoders, scheduler, prompts: list[str], *,
                   images_per_prompt: int = 1, guidance_scale: float = 7.5, seed: int = 0, num_inference_steps: int = 50,
                   eta: float = 0.0, batch_size: int = 64, device=None, progress: bool = False,
