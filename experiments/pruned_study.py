@@ -5,10 +5,17 @@
     python experiments/pruned_study.py --output_dir runs/pruned_study --report   # table + plots from what finished
     python experiments/pruned_study.py --tiny --output_dir /tmp/study            # a < 1 minute smoke run
 
+    # the capacity gap: one fixed student (the random-init row's architecture and seeds) from two teachers
+    OMP_NUM_THREADS=1 liftplace train-teacher --config configs/digits_teacher_small.yaml   # 389K params
+    python experiments/pruned_study.py --ratios "" --seeds "" --random_seeds 0,1,2 \
+        --gap_teacher runs/digits_teacher_small/teacher --gap_seeds 0,1,2
+
 A *row* is one student architecture and one seed: the shipped teacher (``builtin:digits``)
 pruned with ``student_init=prune`` at ``pruning_ratio`` r (0.5, 0.75, 0.85 reach about 25 %,
 6.4 % and 2.1 % of the teacher's parameters; the share reached is recorded), or ``random``
-(the architecture of the smallest pruned student with random weights). Every method of a row
+(the architecture of the smallest pruned student with random weights), or ``gap``: the same
+random-init student distilled from a smaller teacher (``--gap_teacher``, trained by the same
+recipe), so the two rows differ only in the teacher, i.e. in the capacity gap. Every method of a row
 (the KD losses of :data:`METHODS`) trains with the same seed, hence the same data order, noise,
 timesteps, optimiser, learning rate and steps, and the rows' methods share the teacher's
 outputs in memory (a digest-verified cache; the numbers equal separate runs). Each finished
@@ -75,8 +82,16 @@ def log(out: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
+GAP = "random_small_teacher"  # the cells of the random-init student distilled from --gap_teacher
+
+
 def arch_name(arch) -> str:
-    return arch if arch == "random" else f"prune{arch}"
+    return {"random": "random", "gap": GAP}.get(arch, f"prune{arch}")
+
+
+def _order(a: str):
+    """Report order: pruned students by ratio, then the random-init rows."""
+    return ({"random": 1, GAP: 2}.get(a, 0), a)
 
 
 def loss_spike(metrics_path: Path, window: int = 10) -> float | None:
@@ -112,12 +127,32 @@ class Context:
             self.teacher = build_teacher(cfg, get_family("unet2d"), "cpu", _NullLog())
             self.family = get_family("unet2d")
             sched_cfg = dict(DDPMScheduler(num_train_timesteps=1000).config)
+            if not (args.gap_teacher / "config.json").is_file():  # a smaller random teacher for the gap rows
+                from diffusers import UNet2DModel
+
+                torch.manual_seed(1)
+                small = UNet2DModel(**{**TINY_TEACHER, "block_out_channels": [8, 12], "norm_num_groups": 4})
+                small.save_pretrained(args.gap_teacher)
+                DDPMScheduler(num_train_timesteps=1000).save_config(args.gap_teacher)
         else:
             self.family, self.teacher, sched_cfg, _ = load_for_sampling(BASE["pretrained_model_name_or_path"])
         self.teacher.eval().requires_grad_(False)
         self.memo = MemoModel(self.teacher, self.family)
+        self._gap_memo = None
         self.sampler = ddim_scheduler_from(sched_cfg)
         self.noise = DDPMScheduler.from_config({k: v for k, v in sched_cfg.items() if not k.startswith("_")})
+
+    def memo_for(self, arch):
+        """The memoised teacher a row's held-out agreement is measured against (its own teacher)."""
+        if arch != "gap":
+            return self.memo
+        if self._gap_memo is None:
+            from liftplace.eval.demo import MemoModel
+            from liftplace.train.sampling import load_for_sampling
+
+            _, teacher, _, _ = load_for_sampling(self.args.gap_teacher)
+            self._gap_memo = MemoModel(teacher.eval().requires_grad_(False), self.family)
+        return self._gap_memo
 
     def base(self) -> dict:
         base = dict(BASE, max_train_steps=self.args.steps, checkpointing_steps=max(1, self.args.steps // 10),
@@ -138,8 +173,11 @@ class _NullLog:
 
 def row_config(ctx: Context, arch, seed: int, method: str, cell_dir: Path) -> dict:
     over = {**ctx.base(), **METHODS[method][1], "seed": seed, "output_dir": str(cell_dir)}
-    if arch == "random":
+    if arch in ("random", "gap"):
         over.update(student_init="random", student_config=str(ctx.args.output_dir / "random_arch.json"))
+        if arch == "gap":
+            over.pop("teacher_config", None)
+            over["pretrained_model_name_or_path"] = str(ctx.args.gap_teacher)
     else:
         over.update(student_init="prune", pruning_ratio=float(arch))
     return over
@@ -155,6 +193,29 @@ def random_arch(ctx: Context, ratio: float) -> None:
 
     student, _ = prune_unet(ctx.teacher, ratio, "magnitude", verbose=False)
     path.write_text(json.dumps(model_config_dict(student)))
+
+
+def teacher_quality(ctx: Context) -> dict:
+    """Fréchet and parameters of both teachers of the capacity-gap rows (``teachers.json``, once)."""
+    from liftplace.eval.metrics import sample_quality
+    from liftplace.train.models import count_parameters
+    from liftplace.train.sampling import ddim_sample, load_for_sampling
+
+    path = ctx.args.output_dir / "teachers.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    args, out = ctx.args, {}
+    for name, model in (("shipped", ctx.teacher), ("small", ctx.memo_for("gap").inner)):
+        t0 = time.perf_counter()
+        samples = ddim_sample(ctx.family, model, ctx.sampler, args.num_samples,
+                              ctx.family.sample_shape(dict(model.config)), seed=0,
+                              num_inference_steps=args.ddim_steps, batch_size=128)
+        q = sample_quality(ctx.classifier, samples, ctx.reference)
+        out[name] = {"source": BASE["pretrained_model_name_or_path"] if name == "shipped" else str(args.gap_teacher),
+                     "params": count_parameters(model), "frechet": q["frechet"], "sample_s": time.perf_counter() - t0}
+        log(args.output_dir, f"teacher {name}: {out[name]['params']:,} parameters, Frechet {q['frechet']:.2f}")
+    path.write_text(json.dumps(out, indent=1))
+    return out
 
 
 def run_cell(ctx: Context, arch, seed: int, method: str, cache) -> dict:
@@ -174,10 +235,10 @@ def run_cell(ctx: Context, arch, seed: int, method: str, cache) -> dict:
         shutil.rmtree(cell, ignore_errors=True)
     cfg = build_config(None, over)
     t0 = time.perf_counter()
-    result = {"arch": arch_name(arch), "ratio": None if arch == "random" else float(arch), "seed": seed,
+    result = {"arch": arch_name(arch), "ratio": float(arch) if arch not in ("random", "gap") else None, "seed": seed,
               "method": method, "label": METHODS[method][0], "steps": cfg.max_train_steps}
     try:
-        teacher = ctx.teacher if args.tiny else None
+        teacher = ctx.teacher if args.tiny and arch != "gap" else None
         res = Trainer(cfg, teacher=teacher, teacher_cache=cache, end_of_run=["export"]).train()
     except TrainingDivergedError as exc:
         result.update(diverged=True, error=str(exc), train_s=time.perf_counter() - t0)
@@ -190,7 +251,7 @@ def run_cell(ctx: Context, arch, seed: int, method: str, cache) -> dict:
     samples = ddim_sample(fam, model, ctx.sampler, args.num_samples, shape, seed=0,
                           num_inference_steps=args.ddim_steps, batch_size=128)
     quality = sample_quality(ctx.classifier, samples, ctx.reference)
-    agree = teacher_agreement(model, ctx.memo, ctx.noise, ctx.heldout, num_timesteps=9, seed=0)
+    agree = teacher_agreement(model, ctx.memo_for(arch), ctx.noise, ctx.heldout, num_timesteps=9, seed=0)
     by_range = {}
     for name, lo, hi in RANGES:
         vals = [v for t, v in agree["per_timestep"].items() if lo <= int(t) < hi]
@@ -214,6 +275,8 @@ def rows(args) -> list[tuple]:
     out = [(r, s) for r in args.ratios for s in args.seeds]
     if args.random_seeds:
         out += [("random", s) for s in args.random_seeds]
+    if args.gap_teacher is not None:
+        out += [("gap", s) for s in args.gap_seeds]
     return out
 
 
@@ -226,12 +289,14 @@ def run(args) -> None:
     ctx = Context(args)
     log(out, f"start: shard {args.shard}, ratios {args.ratios}, seeds {args.seeds}, random-init seeds "
              f"{args.random_seeds}, methods {args.methods}, {args.steps} steps, pid {os.getpid()}")
-    if args.random_seeds:
-        random_arch(ctx, min(args.ratios))
+    if args.random_seeds or args.gap_teacher is not None:
+        random_arch(ctx, args.random_ratio)
+    if args.gap_teacher is not None:
+        teacher_quality(ctx)
     my_rows = [r for i, r in enumerate(rows(args)) if i % args.shard[1] == args.shard[0]]
     for arch, seed in my_rows:
         cache = TeacherOutputCache()
-        methods = args.methods if arch != "random" else args.random_methods
+        methods = args.methods if arch not in ("random", "gap") else args.random_methods
         for method in methods:
             t0 = time.perf_counter()
             r = run_cell(ctx, arch, seed, method, cache)
@@ -280,7 +345,7 @@ def report(args) -> Path:
     if not results:
         print("no finished cells yet")
         return out / "report.md"
-    archs = sorted({r["arch"] for r in results}, key=lambda a: (a == "random", a))
+    archs = sorted({r["arch"] for r in results}, key=_order)
     methods = [m for m in METHODS if any(r["method"] == m for r in results)]
     lines = ["# Pruned-student study: output KD vs FitNet vs LIFT/PLACE variants\n",
              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, one thread per run. "
@@ -324,6 +389,7 @@ def report(args) -> Path:
                     pairs[f"{a}:{m}-vs-{base}"] = p
                     lines.append(f"| {a} | {METHODS[m][0]} vs {METHODS[base][0]} | {p['n']} | {p['mean']:.2f} | "
                                  f"{p['se']:.2f} | {p['t']:.2f} | {p['wins']} of {p['n']} |")
+    lines += _gap_section(out, results, summary, pairs)
     lines += ["", "## Teacher agreement, stability and time (means over seeds)\n",
               "| student | method | held-out output MSE | MSE t<333 | 333–666 | t>=666 | largest loss spike | "
               "bad steps | train s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -347,6 +413,40 @@ def report(args) -> Path:
     return out / "report.md"
 
 
+def _gap_section(out: Path, results, summary, pairs) -> list[str]:
+    """The capacity gap: the random-init student from the shipped teacher vs from the smaller one."""
+    if "random" not in summary or GAP not in summary:
+        return []
+    teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").is_file() else {}
+    student = next((r["student_params"] for r in results if r["arch"] == GAP and r.get("student_params")), None)
+    big, small = teachers.get("shipped", {}), teachers.get("small", {})
+
+    def head(t, name):
+        if not t or not student:
+            return name
+        return f"{name} ({t['params']:,} params, {t['params'] / student:.0f}x the student; teacher Fréchet {t['frechet']:.2f})"
+
+    lines = ["", "## Capacity gap: one student, two teachers\n",
+             f"The random-init student ({student:,} parameters) with the same seeds, data order, noise and steps, "
+             "distilled from the shipped teacher and from a smaller teacher trained by the same recipe "
+             "(configs/digits_teacher_small.yaml). Fréchet, mean ± sample std (n); the last column is the "
+             "paired difference of output KD minus the method (positive: the method is better) per teacher.\n",
+             f"| method | from {head(big, 'the shipped teacher')} | from {head(small, 'the small teacher')} | "
+             "paired vs output KD: shipped / small |", "|---|---|---|---|"]
+    for m in METHODS:
+        a, b = summary["random"].get(m), summary[GAP].get(m)
+        if not any(x and x["mean"] is not None for x in (a, b)):
+            continue
+        cell = lambda s: _fmt(s["mean"], s["sd"]) + f" ({s['n']})" if s and s["mean"] is not None else "–"  # noqa: E731
+
+        def pair(arch):
+            pr = pairs.get(f"{arch}:{m}-vs-output")
+            return f"{pr['mean']:+.2f} ± {pr['se']:.2f} ({pr['wins']}/{pr['n']})" if pr else "–"
+
+        lines.append(f"| {METHODS[m][0]} | {cell(a)} | {cell(b)} | {pair('random')} / {pair(GAP)} |")
+    return lines + ["", "![capacity gap](capacity_gap.png)"]
+
+
 def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     from matplotlib.figure import Figure
 
@@ -358,7 +458,7 @@ def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     for i, m in enumerate(methods):
         pts = []
         for a in archs:
-            if a == "random":
+            if a in ("random", GAP):
                 continue
             share = next((r["share"] for r in results if r["arch"] == a and r.get("share")), None)
             s = summary[a][m]
@@ -376,10 +476,24 @@ def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     p = out / "quality_vs_share.png"
     fig.savefig(p)
     paths.append(p)
-    smallest = next((a for a in archs if a != "random"), None)
-    if smallest is not None:
-        smallest = min((a for a in archs if a != "random"), key=lambda a: next(r["share"] for r in results
-                                                                               if r["arch"] == a and r.get("share")))
+    pruned = [a for a in archs if a not in ("random", GAP)]
+    if "random" in summary and GAP in summary:
+        fig = Figure(figsize=(6.5, 3.8), dpi=110, layout="constrained")
+        ax = fig.add_subplot(1, 1, 1)
+        ms = [m for m in methods if summary["random"].get(m, {}).get("mean") is not None
+              and summary[GAP].get(m, {}).get("mean") is not None]
+        for j, (a, name) in enumerate((("random", "shipped teacher"), (GAP, "small teacher"))):
+            ax.bar([i + 0.4 * j for i in range(len(ms))], [summary[a][m]["mean"] for m in ms], width=0.4,
+                   yerr=[summary[a][m]["sd"] or 0 for m in ms], capsize=3, label=name, color=f"C{j}")
+        ax.set_xticks([i + 0.2 for i in range(len(ms))], [METHODS[m][0] for m in ms], fontsize="small")
+        ax.set_ylabel("classifier-Fréchet (lower is better)")
+        ax.set_title("one random-init student, two teachers", fontsize="medium")
+        ax.legend(fontsize="small")
+        p = out / "capacity_gap.png"
+        fig.savefig(p)
+        paths.append(p)
+    if pruned:
+        smallest = min(pruned, key=lambda a: next(r["share"] for r in results if r["arch"] == a and r.get("share")))
         seed = min(r["seed"] for r in results if r["arch"] == smallest)
         runs = {METHODS[m][0]: out / "cells" / smallest / f"seed{seed}" / m / "metrics.jsonl" for m in methods
                 if (out / "cells" / smallest / f"seed{seed}" / m / "metrics.jsonl").is_file()}
@@ -398,7 +512,14 @@ def parse_args(argv=None):
     p.add_argument("--random_seeds", default="", help="seeds of the random-init row (smallest architecture)")
     p.add_argument("--methods", default="output,place_anneal,place,output_fitnet,place_l2,lift,place_fitnet",
                    help="in run order: the cheap ones (teacher outputs reused from the row's first run) first")
-    p.add_argument("--random_methods", default="output,place_anneal")
+    p.add_argument("--random_methods", default="output,place,place_anneal",
+                   help="methods of the random-init and capacity-gap rows")
+    p.add_argument("--random_ratio", type=float, default=0.85,
+                   help="the random-init student has the architecture of the student pruned at this ratio")
+    p.add_argument("--gap_teacher", type=Path, default=None,
+                   help="a smaller teacher (configs/digits_teacher_small.yaml): the random-init student is also "
+                        "distilled from it, the capacity-gap rows")
+    p.add_argument("--gap_seeds", default="0,1,2", help="seeds of the capacity-gap rows")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--num_samples", type=int, default=359)
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -417,11 +538,19 @@ def parse_args(argv=None):
             a.random_seeds = "0"
         if a.methods == p.get_default("methods"):
             a.methods = "output,output_fitnet,place,place_anneal"
+        a.random_ratio = min(float(x) for x in a.ratios.split(",")) if a.ratios else 0.5
+        if a.gap_teacher is None:
+            a.gap_teacher = a.output_dir / "tiny_small_teacher"
+            a.gap_seeds = "0"
     a.ratios = [float(x) for x in a.ratios.split(",") if x]
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
     a.random_seeds = [int(x) for x in a.random_seeds.split(",") if x]
     a.methods = [m for m in a.methods.split(",") if m]
     a.random_methods = [m for m in a.random_methods.split(",") if m]
+    a.gap_seeds = [int(x) for x in a.gap_seeds.split(",") if x]
+    if a.gap_teacher is not None and not a.tiny and not (a.gap_teacher / "config.json").is_file():
+        p.error(f"--gap_teacher {a.gap_teacher}: no config.json there; train it first with "
+                "`liftplace train-teacher --config configs/digits_teacher_small.yaml` and pass its teacher/ folder")
     for m in a.methods + a.random_methods:
         if m not in METHODS:
             p.error(f"--methods: unknown method {m!r}; known: {', '.join(METHODS)}")

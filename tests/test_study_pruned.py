@@ -31,20 +31,28 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     proc, wall = run(out)
     results = json.loads((out / "results.json").read_text())
     cells = results["cells"]
-    # 2 seeds x 4 methods of the pruned student + the random-init row (2 methods, seed 0)
-    assert len(cells) == 10 and not any(c["diverged"] for c in cells)
-    assert {c["arch"] for c in cells} == {"prune0.5", "random"}
+    # 2 seeds x 4 methods of the pruned student + the random-init row and the capacity-gap row
+    # (3 methods, seed 0 each)
+    assert len(cells) == 14 and not any(c["diverged"] for c in cells)
+    assert {c["arch"] for c in cells} == {"prune0.5", "random", "random_small_teacher"}
     for c in cells:
         assert c["frechet"] >= 0 and 0 < c["share"] < 1 and set(c["heldout_mse_by_t"]) == {"t<333", "333<=t<666",
                                                                                             "t>=666"}
         assert c["bad_steps"] == 0 and c["train_s"] > 0
     # the random-init row has the architecture of the pruned one
     shares = {c["arch"]: c["student_params"] for c in cells}
-    assert shares["random"] == shares["prune0.5"]
+    assert shares["random"] == shares["prune0.5"] == shares["random_small_teacher"]
+    # the capacity gap: the same student, a smaller teacher, both teachers measured
+    teachers = json.loads((out / "teachers.json").read_text())
+    assert teachers["small"]["params"] < teachers["shipped"]["params"]
+    gap = {c["method"]: c for c in cells if c["arch"] == "random_small_teacher"}
+    assert all(c["teacher_params"] == teachers["small"]["params"] for c in gap.values())
+    assert {c["teacher_params"] for c in cells if c["arch"] == "random"} == {teachers["shipped"]["params"]}
     pair = results["paired"]["prune0.5:place_anneal-vs-output"]
     assert pair["n"] == 2 and len(pair["diffs"]) == 2
     text = (out / "report.md").read_text()
     assert "Paired differences" in text and "PLACE + anneal" in text and "share" in text
+    assert "Capacity gap" in text and (out / "capacity_gap.png").stat().st_size > 0
     assert (out / "quality_vs_share.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
     assert "shard done" in (out / "progress.log").read_text()
     # resumable per cell: a finished cell is not rerun; a removed one is
