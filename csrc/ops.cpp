@@ -27,6 +27,28 @@ TORCH_LIBRARY(liftplace, m) {
       " Tensor slope, Tensor intercept, Tensor aux, Tensor group_id, int group_size, str grouping,"
       " str norm, int width, bool need_grad_y) -> (Tensor grad_x, Tensor grad_y)",
       {at::Tag::pt2_compliant_tag});
+  // The whole loss of one call without timestep buckets (csrc/kd.cpp; loss.py's eager fast
+  // path): lift_place_fwd, then the reduction of loss.py's _reduce_rows. weight_value is the
+  // fine weight unless adaptive; coef is d loss / d rows[r] for every row. Only loss is
+  // differentiable (in x and y); its autograd node is C++ (kd.cpp), lift_place_kd_bwd its backward.
+  m.def(
+      "lift_place_kd(Tensor x, Tensor y, int group_size, str grouping, str norm, float eps, int width,"
+      " float scale, float num_groups, bool adaptive, float weight_value, str parts, bool anneal)"
+      " -> (Tensor loss, Tensor totals, Tensor w, Tensor cw, Tensor coef, Tensor slope, Tensor intercept,"
+      " Tensor aux, Tensor group_id)",
+      {at::Tag::pt2_compliant_tag});
+  // grad_x (and grad_y if need_grad_y) of lift_place_kd's loss for the loss gradient grad.
+  m.def(
+      "lift_place_kd_bwd(Tensor grad, Tensor coef, Tensor x, Tensor y, Tensor slope, Tensor intercept,"
+      " Tensor aux, Tensor group_id, int group_size, str grouping, str norm, int width, bool need_grad_y)"
+      " -> (Tensor grad_x, Tensor grad_y)",
+      {at::Tag::pt2_compliant_tag});
+  // Under create_graph=True lift_place_kd's backward calls the differentiable closed form
+  // liftplace/_ops.py implements (CompositeImplicitAutograd, the twin over the saved grouping).
+  m.def(
+      "lift_place_kd_bwd_graph(Tensor grad, Tensor coef, Tensor x, Tensor y, Tensor slope, Tensor intercept,"
+      " Tensor aux, Tensor group_id, int group_size, str grouping, str norm, float eps, int width,"
+      " bool need_grad_x, bool need_grad_y) -> (Tensor grad_x, Tensor grad_y)");
   // Per-timestep-bucket sums of per-sample statistics (METHOD.md §8), in sample order.
   // values [B, S] float; timesteps [B] (integer or floating); bucket k = floor(t * K / t_max)
   // clamped to [0, K). Returns sums [K, S] (float32, or float64 for float64 values) and

@@ -102,6 +102,8 @@ def _load_extension():
 
 _C, _EXT_ERROR = _load_extension()
 HAS_EXT = _C is not None
+# the fused loss ops of loss.py's eager fast path (csrc/kd.cpp)
+HAS_KD = HAS_EXT and hasattr(torch.ops.liftplace, "lift_place_kd")
 
 
 def _has_kernel(op: str, device_type: str) -> bool:
@@ -268,6 +270,35 @@ if HAS_EXT:
         counts = values.new_empty(num_buckets, dtype=torch.long)
         return sums, counts, values.new_empty(values.shape[0], dtype=torch.long)
 
+    if HAS_KD:
+
+        @torch.library.register_fake("liftplace::lift_place_kd")
+        def _kd_fake(x, y, group_size, grouping, norm, eps, width, scale, num_groups, adaptive, weight_value, parts,
+                     anneal):
+            torch._check(parts in ("both", "coarse", "fine"), lambda: f"liftplace: parts must be 'both', 'coarse' "
+                         f"or 'fine', got {parts!r}")
+            slope, intercept, rows, aux, gid = _fwd_fake(x, y, group_size, grouping, norm, eps, width)
+            scalar = rows.new_empty(())
+            return (scalar, rows.new_empty(ROW_STATS), torch.empty_like(scalar), torch.empty_like(scalar),
+                    rows.new_empty(ROW_STATS), slope, intercept, aux, gid)
+
+        @torch.library.register_fake("liftplace::lift_place_kd_bwd")
+        def _kd_bwd_fake(grad, coef, x, y, slope, intercept, aux, group_id, group_size, grouping, norm, width,
+                         need_grad_y):
+            return _bwd_fake(coef.new_empty(x.shape[0], ROW_STATS), None, None, x, y, slope, intercept, aux,
+                             group_id, group_size, grouping, norm, width, need_grad_y)
+
+        @torch.library.impl("liftplace::lift_place_kd_bwd_graph", "CompositeImplicitAutograd")
+        def _kd_bwd_graph(grad, coef, x, y, slope, intercept, aux, group_id, group_size, grouping, norm, eps, width,
+                          need_grad_x, need_grad_y):
+            # lift_place_kd's backward under create_graph=True (csrc/kd.cpp): differentiable ops only.
+            grad_rows = (grad * coef).expand(x.shape[0], ROW_STATS)
+            view = _SavedView((x, y, slope, intercept, aux, group_id), (group_size, grouping, norm, eps, width),
+                              (need_grad_x, need_grad_y))
+            grad_x, grad_y = _backward(view, None, None, grad_rows, None)[:2]
+            return (grad_x if grad_x is not None else x.new_empty(0)), (grad_y if grad_y is not None else
+                                                                        y.new_empty(0))
+
     def _fwd_setup_context(ctx, inputs, output):
         _save_for_backward(ctx, inputs, output)
 
@@ -318,6 +349,13 @@ def _backward(ctx, grad_slope, grad_intercept, grad_rows, bwd_op):
     grad_x, grad_y = bwd_op(grad_rows, grad_slope, grad_intercept, x, y, slope, intercept, aux, gid,
                             group_size, grouping, norm, width, need_y)
     return (grad_x if need_x else None), (grad_y if need_y else None), None, None, None, None, None
+
+
+class _SavedView:
+    """What :func:`_backward` reads from an autograd context, for callers without one."""
+
+    def __init__(self, saved, args, needs):
+        self.saved_tensors, self.args, self.needs_input_grad = saved, args, needs
 
 
 class _TwinFwd(torch.autograd.Function):

@@ -4,11 +4,15 @@
 checks the tensors, runs the fused forward through the op layer (``_ops``) and reduces the
 per-row statistics in two steps: the fine-term weight (:func:`_fine_weight`) and the
 combination of the coarse and fine terms (:func:`_combine`); without timestep buckets both run
-inside one autograd node (:class:`_LinearInRows`).
+inside one autograd node (:class:`_LinearInRows`). In eager mode on the extension's kernels,
+one process, without buckets or finiteness checks, the whole call is one op with a C++
+autograd node instead (:func:`_fused`, csrc/kd.cpp): the same kernels and reduction ops, so
+the same bits, at a fraction of the per-call Python.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -309,13 +313,23 @@ def lift_place_loss(
         raise ValueError('weight="adaptive-timestep" needs timesteps= (one per sample), num_buckets= and t_max=')
     if timesteps is not None and num_buckets is None:
         raise ValueError("timesteps= needs num_buckets= and t_max= (the buckets to sort them into)")
-    opts = LiftPlaceOptions(group_size=group_size, grouping=grouping, norm=norm, reduction=reduction,
-                            weight=weight, parts=parts, coarse_weight=coarse_weight, eps=eps,
-                            check_finite=check_finite, return_stats=return_stats,
-                            num_buckets=num_buckets if timesteps is not None else None,
-                            t_max=t_max if timesteps is not None else None, bucket_ema=bucket_ema,
-                            channel_dim=channel_dim)
+    fields = (group_size, grouping, norm, reduction, weight, parts, coarse_weight, eps, check_finite, return_stats,
+              num_buckets if timesteps is not None else None, t_max if timesteps is not None else None, bucket_ema,
+              channel_dim)
+    try:
+        opts = _options(*fields)
+    except TypeError:  # an unhashable value: validate it uncached, which names it
+        opts = LiftPlaceOptions(*fields)
     return _loss(student, teacher, opts, step, total_steps, timesteps, bucket_state)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _options(*fields) -> LiftPlaceOptions:
+    """Validated options, built once per distinct combination (a training loop repeats one).
+    The fields are positional in :class:`LiftPlaceOptions` order; ``typed=True`` makes each
+    value's type part of the key (``16`` and ``16.0`` or ``True`` and ``1`` are different
+    entries), so a cached entry is exactly what validation saw."""
+    return LiftPlaceOptions(*fields)
 
 
 def _loss(student, teacher, opts: LiftPlaceOptions, step, total_steps, timesteps, bucket_state):
@@ -326,6 +340,9 @@ def _loss(student, teacher, opts: LiftPlaceOptions, step, total_steps, timesteps
         check_timesteps(timesteps, lay.B, opts.t_max, student.device, sync=opts.check_finite)
     if opts.check_finite:
         _check_finite(student, teacher)
+    if _fused_ok(student, opts, timesteps):
+        loss, totals, w, cw = _fused(student, teacher, lay, opts, step, total_steps)
+        return loss if not opts.return_stats else (loss, _stats(totals, lay, opts, w, cw, None))
     _, _, rows = _fit(student, teacher, opts, lay)
     if opts.check_finite:
         _check_no_overflow(rows, student, teacher)
@@ -341,6 +358,52 @@ def _loss(student, teacher, opts: LiftPlaceOptions, step, total_steps, timesteps
     return _assemble(totals, lay, opts, w, per_sample_w, buckets)
 
 
+def _fused_ok(student: Tensor, opts: LiftPlaceOptions, timesteps) -> bool:
+    """Whether the call can take :func:`_fused`: the extension's kernels in eager mode, one
+    process (an adaptive weight is summed over ranks in between), without timestep buckets or
+    the finiteness checks (they need the rows in between)."""
+    return (timesteps is None and not opts.check_finite and _ops.HAS_KD and not torch.compiler.is_compiling()
+            and not _distributed() and _ops.use_ext(student.device, "lift_place_fwd"))  # bwd: same devices
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _fused(student: Tensor, teacher: Tensor, lay: _Layout, opts: LiftPlaceOptions, step, total_steps):
+    """``(loss, totals, w, cw)`` by one op, ``liftplace::lift_place_kd`` (csrc/kd.cpp), whose
+    autograd node is C++ and whose backward is one op too.
+
+    Same values and derivatives (first and second) as :func:`_fit` followed by
+    :class:`_LinearInRows`: the op runs the same kernels and the same reduction as
+    :func:`_reduce_rows`, in the same order (tests/test_fused.py compares them bit for bit).
+    What it saves is per-call Python: two Python autograd nodes, the registered op's Python
+    autograd wrapper and about twenty small tensor ops (benchmarks/RESULTS.md §7).
+    """
+    x = student.reshape(lay.R, lay.N).contiguous()
+    y = teacher.reshape(lay.R, lay.N).contiguous()
+    adaptive = opts.weight == "adaptive"
+    out = torch.ops.liftplace.lift_place_kd.default(
+        x, y, opts.group_size if opts.grouping != "global" else lay.N, opts.grouping, opts.norm, float(opts.eps),
+        lay.width, _scale(lay, opts), float(lay.R * lay.G), adaptive,
+        0.0 if adaptive else _schedule(opts.weight, step, total_steps), opts.parts, opts.coarse_weight == "anneal")
+    return out[:4]
+
+
+def _reduce_rows(rows: Tensor, lay: _Layout, opts: LiftPlaceOptions, step, total_steps):
+    """``(loss, totals, w, cw, coef)`` of the rows; ``d loss / d rows[r] = coef`` for every row."""
+    totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
+    w, _ = _fine_weight(totals, lay, opts, step, total_steps, None)
+    loss, cw, scale = _combine(totals, lay, opts, w, None, None)
+    coef = rows.new_zeros(ROW_STATS)
+    if opts.parts != "fine":
+        coef[COARSE] = scale if opts.parts == "coarse" else cw * scale
+    if opts.parts != "coarse":
+        coef[FINE] = scale if opts.parts == "fine" else w * scale
+    return loss, totals, w, cw, coef
+
+
 class _LinearInRows(torch.autograd.Function):
     """``(loss, totals, w, cw)`` from the per-row statistics, as one autograd node.
 
@@ -354,14 +417,7 @@ class _LinearInRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, rows, lay, opts, step, total_steps):
-        totals = rows.sum(0)  # [ROW_STATS], one fixed-order reduction
-        w, _ = _fine_weight(totals, lay, opts, step, total_steps, None)
-        loss, cw, scale = _combine(totals, lay, opts, w, None, None)
-        coef = rows.new_zeros(ROW_STATS)
-        if opts.parts != "fine":
-            coef[COARSE] = scale if opts.parts == "coarse" else cw * scale
-        if opts.parts != "coarse":
-            coef[FINE] = scale if opts.parts == "fine" else w * scale
+        loss, totals, w, cw, coef = _reduce_rows(rows, lay, opts, step, total_steps)
         ctx.save_for_backward(coef)
         ctx.rows = rows.shape[0]
         ctx.mark_non_differentiable(totals, w, cw)
@@ -409,10 +465,14 @@ def _assemble(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, p
     return loss if not opts.return_stats else (loss, _stats(totals, lay, opts, w, cw, buckets))
 
 
+def _scale(lay: _Layout, opts: LiftPlaceOptions) -> float:
+    return 1.0 / lay.B if opts.reduction == "sum" else 1.0 / (lay.R * lay.N)
+
+
 def _combine(totals: Tensor, lay: _Layout, opts: LiftPlaceOptions, w: Tensor, per_sample_w, buckets):
     """``(loss, coarse weight, scale)``: ``coarse_weight·coarse + w·fine`` or one part, times the
-    reduction's scale."""
-    scale = 1.0 / lay.B if opts.reduction == "sum" else 1.0 / (lay.R * lay.N)
+    reduction's scale. csrc/kd.cpp repeats this op for op: keep them in step."""
+    scale = _scale(lay, opts)
     coarse = totals[COARSE] * scale
     fine = totals[FINE] * scale
     anneal = opts.coarse_weight == "anneal"
