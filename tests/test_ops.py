@@ -211,6 +211,29 @@ def test_ties_follow_index(device, dtype):
     assert torch.equal(out[4], ref.lift_place_fwd(x, y, 8, "error", "l1", EPS)[4])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("N", [2, 3, 16, 31, 32, 33, 64, 65, 129, 257, 1023])
+def test_short_rows_rank_like_the_twin(device, N, dtype):
+    # Rows of <= 32 elements are ranked by an insertion sort, longer ones below 1024 by radix
+    # passes of about log2(N) bits: the same stable order either way, ties by index, NaN last.
+    g = torch.Generator().manual_seed(N)
+    R = 6
+    x = (torch.randint(-3, 4, (R, N), generator=g) / 2).to(torch.float64)
+    y = (torch.randint(-3, 4, (R, N), generator=g) / 2).to(torch.float64)
+    x[1] = torch.randn(N, generator=g, dtype=torch.float64)  # distinct errors
+    y[2] = x[2]  # all errors equal
+    y[3, N // 2] = float("nan")
+    y[4, 0] = -float("nan")
+    x[5] = torch.randn(N, generator=g, dtype=torch.float64) * 1e30  # a wide key range
+    x, y = x.to(dtype=dtype, device=device), y.to(dtype=dtype, device=device)
+    P = 2 if N < 4 else 4
+    out = fwd(x, y, P, "error")
+    twin = ref.lift_place_fwd(x, y, P, "error", "l1", EPS)
+    assert torch.equal(out[4], twin[4])
+    finite = torch.tensor([r not in (3, 4) for r in range(R)], device=device)
+    torch.testing.assert_close(out[2][finite], twin[2][finite], rtol=2e-3, atol=1e-3)
+
+
 def test_nan_rows(device):
     x, y = make_inputs(4, 300, torch.float32, device, seed=7)
     x[1, 10] = float("nan")

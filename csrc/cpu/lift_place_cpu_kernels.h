@@ -52,9 +52,35 @@ inline acc_t error_key(acc_t e) {
   return k;
 }
 
-// The widest digit: 10 bits up to 2048 elements, 11 from 4096 on. With the live range
-// usually 27-30 bits wide, both give 3 passes; 8 bits (4 passes) measured slower at 1024.
-inline int max_digit_bits(int64_t n) { return n > 2048 ? 11 : 10; }
+// The widest digit: 10 bits from 1024 up to 2048 elements, 11 from 4096 on (with the live
+// range usually 27-30 bits wide, both give 3 passes; 8 bits, 4 passes, measured slower at
+// 1024). A pass costs two sweeps of its 2^w-bucket histogram besides the n elements, so
+// shorter rows take narrower digits, about log2(n) bits (6 at the least), and more passes:
+// at n = 64 a 10-bit pass spent 32 of its 33 parts on the histogram. Never so narrow that
+// a key_bits-wide key needs more than kMaxPasses passes (64-bit keys: 8 bits).
+constexpr int kMaxPasses = 8;
+inline int max_digit_bits(int64_t n, int key_bits) {
+  int w = n > 2048 ? 11 : n >= 1024 ? 10 : 6;
+  if (n < 1024)
+    while (w < 10 && (int64_t(1) << w) < n) ++w;
+  return std::max(w, (key_bits + kMaxPasses - 1) / kMaxPasses);
+}
+
+// Rows this short skip the radix sort: a stable insertion sort of the indices by key (at most
+// n^2/4 = 256 moves) costs less than even one radix pass's histogram.
+constexpr int64_t kInsertionSortMax = 32;
+
+template <typename U, typename Idx>
+inline void insertion_sort_by_key(const U* key, Idx* idx, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) idx[i] = static_cast<Idx>(i);
+  for (int64_t i = 1; i < n; ++i) {
+    const Idx v = idx[i];
+    const U kv = key[v];
+    int64_t j = i;
+    for (; j > 0 && key[idx[j - 1]] > kv; --j) idx[j] = idx[j - 1];  // strictly greater: ties keep index order
+    idx[j] = v;
+  }
+}
 
 template <typename U>
 inline int bit_width_of(U v) {
@@ -67,7 +93,6 @@ inline int bit_width_of(U v) {
 // smallest key (keys are unsigned and order like the errors, so k - min keeps order and
 // ties), leaving keys < 2^bits: only those bits are sorted, split into as few passes as
 // the widest digit allows, of near-equal widths (smaller histograms than fixed digits).
-constexpr int kMaxPasses = 8;
 struct DigitPlan {
   int passes = 0;
   int shift[kMaxPasses];
@@ -326,7 +351,7 @@ template <typename Idx, typename scalar_t, typename acc_t>
 void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t end) {
   using U = typename KeyBits<acc_t>::U;
   const int64_t N = A.N, P = A.P, G = A.G, n_last = group_len(G - 1, G, N, P);  // takes N % P extra
-  const int max_digit = max_digit_bits(N);
+  const int max_digit = max_digit_bits(N, int(8 * sizeof(U)));
   auto key = scratch<U>(N), key_tmp = scratch<U>(N);
   auto idx = scratch<Idx>(N), idx_tmp = scratch<Idx>(N);
   auto sx = scratch<acc_t>(N), sy = scratch<acc_t>(N);
@@ -352,7 +377,9 @@ void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t en
       lo = std::min(lo, kp[i]);
       hi = std::max(hi, kp[i]);
     }
-    const DigitPlan plan = plan_digits(bit_width_of(U(hi - lo)), max_digit);
+    const bool small = N <= kInsertionSortMax;
+    if (small) insertion_sort_by_key(kp, idx.get(), N);
+    const DigitPlan plan = small ? DigitPlan{} : plan_digits(bit_width_of(U(hi - lo)), max_digit);
     uint32_t* h[kMaxPasses];
     U mask[kMaxPasses];
     int64_t hist_len = 0;
@@ -366,7 +393,7 @@ void fwd_error_rows(const FwdArgs<scalar_t, acc_t>& A, int64_t begin, int64_t en
     // skipped. The top pass never is: the keys 0 and hi - lo differ in its top bit.
     const U* ks = kp;
     const Idx* is = nullptr;   // identity before the first pass
-    const Idx* ord = nullptr;  // identity when every key is equal
+    const Idx* ord = small ? idx.get() : nullptr;  // else identity when every key is equal
     if (plan.passes > 0) {
       rebase_and_count(kp, lo, h[0], mask[0], N);
       for (int p = 0;; ++p) {
