@@ -447,6 +447,38 @@ def _gap_section(out: Path, results, summary, pairs) -> list[str]:
     return lines + ["", "![capacity gap](capacity_gap.png)"]
 
 
+def _sample_grid(out: Path, results, arch: str, methods, per_row: int = 16) -> Path | None:
+    """``samples_<arch>.png``: one strip of DDIM samples per method (same initial noise), the
+    arch's lowest seed."""
+    from matplotlib.figure import Figure
+    from safetensors.torch import load_file
+
+    seeds = sorted({r["seed"] for r in results if r["arch"] == arch})
+    if not seeds:
+        return None
+    strips = []
+    for m in methods:
+        f = out / "cells" / arch / f"seed{seeds[0]}" / m / "samples.safetensors"
+        if f.is_file():
+            x = load_file(str(f))["samples"][:per_row, 0].clamp(-1, 1)  # [n, H, W]
+            strips.append((METHODS[m][0], torch.cat(list(x), dim=1)))
+    if not strips:
+        return None
+    fig = Figure(figsize=(per_row * 0.5, 0.55 * len(strips) + 0.4), dpi=110, layout="constrained")
+    for i, (label, strip) in enumerate(strips):
+        ax = fig.add_subplot(len(strips), 1, i + 1)
+        ax.imshow(strip.numpy(), cmap="gray", vmin=-1, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize="small")
+    share = next((r["share"] for r in results if r["arch"] == arch and r.get("share")), None)
+    fig.suptitle(f"{arch}" + (f" ({100 * share:.2f} % of the teacher)" if share else "") + f", seed {seeds[0]}",
+                 fontsize="medium")
+    p = out / f"samples_{arch}.png"
+    fig.savefig(p)
+    return p
+
+
 def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     from matplotlib.figure import Figure
 
@@ -477,6 +509,10 @@ def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     fig.savefig(p)
     paths.append(p)
     pruned = [a for a in archs if a not in ("random", GAP)]
+    for a in pruned:  # what the numbers look like: 16 samples per method, the row's lowest seed
+        p = _sample_grid(out, results, a, methods)
+        if p is not None:
+            paths.append(p)
     if "random" in summary and GAP in summary:
         fig = Figure(figsize=(6.5, 3.8), dpi=110, layout="constrained")
         ax = fig.add_subplot(1, 1, 1)
