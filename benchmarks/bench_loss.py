@@ -224,6 +224,48 @@ def memory_worker(method, configs_json, device):
     print(json.dumps(result))
 
 
+def stubbed_layer(configs, args):
+    """The ext fwd+bwd step with both kernels stubbed out (they allocate their outputs and
+    return, csrc/cpu/lift_place_cpu.cpp): the per-call layer measured directly, as the issue
+    asks, in a fresh process because the kernels read LIFTPLACE_BENCH_STUB_KERNELS once."""
+    if args.device != "cpu":
+        print("--stub-kernels: CPU only", file=sys.stderr)
+        return
+    env = dict(os.environ, LIFTPLACE_BENCH_STUB_KERNELS="1")
+    cmd = [sys.executable, __file__, "--_stub-worker", "--threads", str(args.threads[0]), "--repeats",
+           str(max(args.repeats, 15)), "--_configs",
+           json.dumps([[c["shape"], c["grouping"], c["group_size"]] for c in configs])]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"stub worker failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return
+    found = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"\nper-call layer with both kernels stubbed out, {args.threads[0]} thread(s) "
+          "(ms per fwd+bwd step, best of the rounds)")
+    for c in configs:
+        key = config_key(tuple(c["shape"]), c["grouping"], c["group_size"])
+        c["stubbed_step_ms"] = found[key]
+        print(f"  {key:26s}| {found[key]:.3f}")
+
+
+def stub_worker(configs_json, repeats, inner=20):
+    pin_allocator()
+    result = {}
+    for shape, grouping, P in json.loads(configs_json):
+        shape = tuple(shape)
+        s, t = make_inputs(shape, "cpu")
+        fn = loss_fn("ext", grouping, P)
+        step(fn, s, t)
+        best = math.inf
+        for _ in range(repeats):
+            t0 = clock()
+            for _ in range(inner):
+                step(fn, s, t)
+            best = min(best, (clock() - t0) / inner)
+        result[config_key(shape, grouping, P)] = best * 1e3
+    print(json.dumps(result))
+
+
 COMPILED = ("base+compile", "compile")
 
 
@@ -367,8 +409,12 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--kernels", action="store_true",
                    help="also time the raw ops and compare with the copy-bandwidth floor")
+    p.add_argument("--stub-kernels", action="store_true",
+                   help="also time the ext step with both kernels stubbed out (CPU; a fresh process with "
+                        "LIFTPLACE_BENCH_STUB_KERNELS=1): the per-call layer by itself")
     p.add_argument("--json", default=str(Path(__file__).parent / "out" / "bench_loss.json"))
     p.add_argument("--_memory-worker", dest="memory_worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_stub-worker", dest="stub_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_configs", dest="configs", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -380,6 +426,9 @@ def main():
     clock = CLOCKS[args.clock]
     if args.memory_worker:
         memory_worker(args.memory_worker, args.configs, args.device)
+        return
+    if args.stub_worker:
+        stub_worker(args.configs, args.repeats)
         return
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda but torch.cuda.is_available() is False")
@@ -431,6 +480,8 @@ def main():
     if len(args.threads) > 1:
         print_scaling(configs, methods, args)
     copy_gbs = kernel_breakdown(configs, args.device, args.repeats, args.threads[0]) if args.kernels else None
+    if args.stub_kernels:
+        stubbed_layer(configs, args)
     report = {
         "copy_gb_per_s": copy_gbs,
         "device": args.device,

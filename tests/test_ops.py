@@ -535,3 +535,22 @@ def test_isa_builds_agree(isa_runs, index):
     # without FMA rounds lane for lane like the scalar code, so results are bitwise equal.
     for a, b in zip(isa_runs["native"][index], isa_runs["base"][index]):
         assert torch.equal(a, b)
+
+
+def test_bench_stub_switch_only_with_its_variable():
+    """LIFTPLACE_BENCH_STUB_KERNELS=1 (bench_loss.py --stub-kernels) makes both CPU kernels
+    skip their work; without it (every other test) they compute."""
+    if not ext_available("cpu"):
+        pytest.skip("liftplace was built without its cpu kernels")
+    code = textwrap.dedent("""
+        import torch, liftplace
+        x = torch.randn(4, 64) + 3; y = 2 * x
+        out = torch.ops.liftplace.lift_place_fwd(x, y, 16, "error", "l1", 1e-7, 0)
+        print(float(out[2].abs().sum()))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "LIFTPLACE_BENCH_STUB_KERNELS"}
+    normal = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    stubbed = subprocess.run([sys.executable, "-c", code], env={**env, "LIFTPLACE_BENCH_STUB_KERNELS": "1"},
+                             capture_output=True, text=True, timeout=120)
+    assert normal.returncode == 0 and stubbed.returncode == 0, normal.stderr + stubbed.stderr
+    assert float(normal.stdout.split()[-1]) > 0 and float(stubbed.stdout.split()[-1]) == 0.0
