@@ -8,14 +8,17 @@
     # the capacity gap: one fixed student (the random-init row's architecture and seeds) from two teachers
     OMP_NUM_THREADS=1 liftplace train-teacher --config configs/digits_teacher_small.yaml   # 389K params
     python experiments/pruned_study.py --ratios "" --seeds "" --random_seeds 0,1,2 \
-        --gap_teacher runs/digits_teacher_small/teacher --gap_seeds 0,1,2
+        --gap_teacher runs/digits_teacher_small/teacher --gap_seeds 0,1,2 --gap_pruned_seeds 0,1,2
 
 A *row* is one student architecture and one seed: the shipped teacher (``builtin:digits``)
 pruned with ``student_init=prune`` at ``pruning_ratio`` r (0.5, 0.75, 0.85 reach about 25 %,
 6.4 % and 2.1 % of the teacher's parameters; the share reached is recorded), or ``random``
 (the architecture of the smallest pruned student with random weights), or ``gap``: the same
 random-init student distilled from a smaller teacher (``--gap_teacher``, trained by the same
-recipe), so the two rows differ only in the teacher, i.e. in the capacity gap. Every method of a row
+recipe), so the two rows differ only in the teacher, i.e. in the capacity gap; and
+``gapprune`` (``--gap_pruned_seeds``): the student pruned from the shipped teacher, with the
+weights it had before training (``pruned_init/``), distilled from the smaller teacher, paired
+with the ``prune<r>`` rows of the same seeds. Every method of a row
 (the KD losses of :data:`METHODS`) trains with the same seed, hence the same data order, noise,
 timesteps, optimiser, learning rate and steps, and the rows' methods share the teacher's
 outputs in memory (a digest-verified cache; the numbers equal separate runs). Each finished
@@ -83,15 +86,20 @@ def log(out: Path, msg: str) -> None:
 
 
 GAP = "random_small_teacher"  # the cells of the random-init student distilled from --gap_teacher
+GAP_PRUNED = "pruned_small_teacher"  # the pruned-init student (from the shipped teacher) from --gap_teacher
 
 
 def arch_name(arch) -> str:
-    return {"random": "random", "gap": GAP}.get(arch, f"prune{arch}")
+    return {"random": "random", "gap": GAP, "gapprune": GAP_PRUNED}.get(arch, f"prune{arch}")
 
 
 def _order(a: str):
-    """Report order: pruned students by ratio, then the random-init rows."""
-    return ({"random": 1, GAP: 2}.get(a, 0), a)
+    """Report order: pruned students by ratio, then the random-init rows, then the gap rows."""
+    return ({"random": 1, GAP: 2, GAP_PRUNED: 3}.get(a, 0), a)
+
+
+def _teacher_of(arch) -> str:
+    return "gap" if arch in ("gap", "gapprune") else "shipped"
 
 
 def loss_spike(metrics_path: Path, window: int = 10) -> float | None:
@@ -144,7 +152,7 @@ class Context:
 
     def memo_for(self, arch):
         """The memoised teacher a row's held-out agreement is measured against (its own teacher)."""
-        if arch != "gap":
+        if _teacher_of(arch) != "gap":
             return self.memo
         if self._gap_memo is None:
             from liftplace.eval.demo import MemoModel
@@ -175,12 +183,30 @@ def row_config(ctx: Context, arch, seed: int, method: str, cell_dir: Path) -> di
     over = {**ctx.base(), **METHODS[method][1], "seed": seed, "output_dir": str(cell_dir)}
     if arch in ("random", "gap"):
         over.update(student_init="random", student_config=str(ctx.args.output_dir / "random_arch.json"))
-        if arch == "gap":
-            over.pop("teacher_config", None)
-            over["pretrained_model_name_or_path"] = str(ctx.args.gap_teacher)
+    elif arch == "gapprune":  # the student pruned from the shipped teacher, as it was before training
+        over.update(student_init="random", student_model_name_or_path=str(ctx.args.output_dir / "pruned_init"))
     else:
         over.update(student_init="prune", pruning_ratio=float(arch))
+    if _teacher_of(arch) == "gap":
+        over.pop("teacher_config", None)
+        over["pretrained_model_name_or_path"] = str(ctx.args.gap_teacher)
     return over
+
+
+def pruned_init(ctx: Context, ratio: float) -> None:
+    """The student pruned from the shipped teacher at ``ratio``, before any training, saved once
+    (``pruned_init/``): the fixed student of the pruned capacity-gap rows. Magnitude importance
+    does not depend on the seed, so it is the initial student of every ``prune<ratio>`` row too."""
+    path = ctx.args.output_dir / "pruned_init"
+    if (path / "config.json").is_file():
+        return
+    from liftplace.train.prune import prune_unet
+
+    student, _ = prune_unet(ctx.teacher, ratio, "magnitude", verbose=False)
+    tmp = ctx.args.output_dir / f".tmp-pruned_init-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(str(tmp), safe_serialization=True)
+    os.replace(tmp, path)
 
 
 def random_arch(ctx: Context, ratio: float) -> None:
@@ -235,10 +261,10 @@ def run_cell(ctx: Context, arch, seed: int, method: str, cache) -> dict:
         shutil.rmtree(cell, ignore_errors=True)
     cfg = build_config(None, over)
     t0 = time.perf_counter()
-    result = {"arch": arch_name(arch), "ratio": float(arch) if arch not in ("random", "gap") else None, "seed": seed,
+    result = {"arch": arch_name(arch), "ratio": _ratio(arch, args), "seed": seed,
               "method": method, "label": METHODS[method][0], "steps": cfg.max_train_steps}
     try:
-        teacher = ctx.teacher if args.tiny and arch != "gap" else None
+        teacher = ctx.teacher if args.tiny and _teacher_of(arch) != "gap" else None
         res = Trainer(cfg, teacher=teacher, teacher_cache=cache, end_of_run=["export"]).train()
     except TrainingDivergedError as exc:
         result.update(diverged=True, error=str(exc), train_s=time.perf_counter() - t0)
@@ -276,8 +302,14 @@ def rows(args) -> list[tuple]:
     if args.random_seeds:
         out += [("random", s) for s in args.random_seeds]
     if args.gap_teacher is not None:
-        out += [("gap", s) for s in args.gap_seeds]
+        out += [("gap", s) for s in args.gap_seeds] + [("gapprune", s) for s in args.gap_pruned_seeds]
     return out
+
+
+def _ratio(arch, args) -> float | None:
+    if arch in ("random", "gap"):
+        return None
+    return args.random_ratio if arch == "gapprune" else float(arch)
 
 
 def run(args) -> None:
@@ -293,10 +325,12 @@ def run(args) -> None:
         random_arch(ctx, args.random_ratio)
     if args.gap_teacher is not None:
         teacher_quality(ctx)
+        if args.gap_pruned_seeds:
+            pruned_init(ctx, args.random_ratio)
     my_rows = [r for i, r in enumerate(rows(args)) if i % args.shard[1] == args.shard[0]]
     for arch, seed in my_rows:
         cache = TeacherOutputCache()
-        methods = args.methods if arch not in ("random", "gap") else args.random_methods
+        methods = args.methods if arch not in ("random", "gap", "gapprune") else args.random_methods
         for method in methods:
             t0 = time.perf_counter()
             r = run_cell(ctx, arch, seed, method, cache)
@@ -413,37 +447,51 @@ def report(args) -> Path:
     return out / "report.md"
 
 
+def _gap_pairs(results, summary) -> list[tuple[str, str, str]]:
+    """``(student label, arch from the shipped teacher, arch from the small one)`` with results."""
+    out = []
+    if "random" in summary and GAP in summary:
+        out.append(("random-init student", "random", GAP))
+    ratio = next((r["ratio"] for r in results if r["arch"] == GAP_PRUNED), None)
+    if ratio is not None and f"prune{ratio}" in summary and GAP_PRUNED in summary:
+        out.append((f"student pruned at {ratio} (initial weights from the shipped teacher)", f"prune{ratio}",
+                    GAP_PRUNED))
+    return out
+
+
 def _gap_section(out: Path, results, summary, pairs) -> list[str]:
-    """The capacity gap: the random-init student from the shipped teacher vs from the smaller one."""
-    if "random" not in summary or GAP not in summary:
+    """The capacity gap: one fixed student distilled from the shipped teacher and from the smaller one."""
+    gaps = _gap_pairs(results, summary)
+    if not gaps:
         return []
     teachers = json.loads((out / "teachers.json").read_text()) if (out / "teachers.json").is_file() else {}
-    student = next((r["student_params"] for r in results if r["arch"] == GAP and r.get("student_params")), None)
     big, small = teachers.get("shipped", {}), teachers.get("small", {})
-
-    def head(t, name):
-        if not t or not student:
-            return name
-        return f"{name} ({t['params']:,} params, {t['params'] / student:.0f}x the student; teacher Fréchet {t['frechet']:.2f})"
-
     lines = ["", "## Capacity gap: one student, two teachers\n",
-             f"The random-init student ({student:,} parameters) with the same seeds, data order, noise and steps, "
-             "distilled from the shipped teacher and from a smaller teacher trained by the same recipe "
-             "(configs/digits_teacher_small.yaml). Fréchet, mean ± sample std (n); the last column is the "
-             "paired difference of output KD minus the method (positive: the method is better) per teacher.\n",
-             f"| method | from {head(big, 'the shipped teacher')} | from {head(small, 'the small teacher')} | "
-             "paired vs output KD: shipped / small |", "|---|---|---|---|"]
-    for m in METHODS:
-        a, b = summary["random"].get(m), summary[GAP].get(m)
-        if not any(x and x["mean"] is not None for x in (a, b)):
-            continue
-        cell = lambda s: _fmt(s["mean"], s["sd"]) + f" ({s['n']})" if s and s["mean"] is not None else "–"  # noqa: E731
+             "The same student (same initial weights, seeds, data order, noise and steps) distilled from the shipped "
+             "teacher and from a smaller teacher trained by the same recipe (configs/digits_teacher_small.yaml). "
+             "Fréchet, mean ± sample std (n); the last column is the paired difference output KD minus the method "
+             "(positive: the method is better), ± its standard error (wins/n), per teacher.\n"]
+    for t, name in ((big, "shipped"), (small, "small")):
+        if t:
+            lines.append(f"- {name} teacher: {t['params']:,} parameters, Fréchet of its own samples {t['frechet']:.2f}")
+    for label, a_big, a_small in gaps:
+        student = next((r["student_params"] for r in results if r["arch"] == a_small and r.get("student_params")),
+                       None)
+        ratio = lambda t: f" ({t['params'] / student:.0f}x the student)" if t and student else ""  # noqa: E731
+        lines += ["", f"**{label}**, {student:,} parameters:\n" if student else f"**{label}**:\n",
+                  f"| method | from the shipped teacher{ratio(big)} | from the small teacher{ratio(small)} | "
+                  "paired vs output KD: shipped / small |", "|---|---|---|---|"]
+        for m in METHODS:
+            a, b = summary[a_big].get(m), summary[a_small].get(m)
+            if not any(x and x["mean"] is not None for x in (a, b)):
+                continue
+            cell = lambda s: _fmt(s["mean"], s["sd"]) + f" ({s['n']})" if s and s["mean"] is not None else "–"  # noqa: E731
 
-        def pair(arch):
-            pr = pairs.get(f"{arch}:{m}-vs-output")
-            return f"{pr['mean']:+.2f} ± {pr['se']:.2f} ({pr['wins']}/{pr['n']})" if pr else "–"
+            def pair(arch):
+                pr = pairs.get(f"{arch}:{m}-vs-output")
+                return f"{pr['mean']:+.2f} ± {pr['se']:.2f} ({pr['wins']}/{pr['n']})" if pr else "–"
 
-        lines.append(f"| {METHODS[m][0]} | {cell(a)} | {cell(b)} | {pair('random')} / {pair(GAP)} |")
+            lines.append(f"| {METHODS[m][0]} | {cell(a)} | {cell(b)} | {pair(a_big)} / {pair(a_small)} |")
     return lines + ["", "![capacity gap](capacity_gap.png)"]
 
 
@@ -490,7 +538,7 @@ def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     for i, m in enumerate(methods):
         pts = []
         for a in archs:
-            if a in ("random", GAP):
+            if a in ("random", GAP, GAP_PRUNED):
                 continue
             share = next((r["share"] for r in results if r["arch"] == a and r.get("share")), None)
             s = summary[a][m]
@@ -508,23 +556,25 @@ def _plots(out: Path, results, summary, archs, methods) -> list[Path]:
     p = out / "quality_vs_share.png"
     fig.savefig(p)
     paths.append(p)
-    pruned = [a for a in archs if a not in ("random", GAP)]
+    pruned = [a for a in archs if a not in ("random", GAP, GAP_PRUNED)]
     for a in pruned:  # what the numbers look like: 16 samples per method, the row's lowest seed
         p = _sample_grid(out, results, a, methods)
         if p is not None:
             paths.append(p)
-    if "random" in summary and GAP in summary:
-        fig = Figure(figsize=(6.5, 3.8), dpi=110, layout="constrained")
-        ax = fig.add_subplot(1, 1, 1)
-        ms = [m for m in methods if summary["random"].get(m, {}).get("mean") is not None
-              and summary[GAP].get(m, {}).get("mean") is not None]
-        for j, (a, name) in enumerate((("random", "shipped teacher"), (GAP, "small teacher"))):
-            ax.bar([i + 0.4 * j for i in range(len(ms))], [summary[a][m]["mean"] for m in ms], width=0.4,
-                   yerr=[summary[a][m]["sd"] or 0 for m in ms], capsize=3, label=name, color=f"C{j}")
-        ax.set_xticks([i + 0.2 for i in range(len(ms))], [METHODS[m][0] for m in ms], fontsize="small")
-        ax.set_ylabel("classifier-Fréchet (lower is better)")
-        ax.set_title("one random-init student, two teachers", fontsize="medium")
-        ax.legend(fontsize="small")
+    gaps = _gap_pairs(results, summary)
+    if gaps:
+        fig = Figure(figsize=(6.5, 3.4 * len(gaps)), dpi=110, layout="constrained")
+        for k, (label, a_big, a_small) in enumerate(gaps):
+            ax = fig.add_subplot(len(gaps), 1, k + 1)
+            ms = [m for m in methods if summary[a_big].get(m, {}).get("mean") is not None
+                  and summary[a_small].get(m, {}).get("mean") is not None]
+            for j, (a, name) in enumerate(((a_big, "shipped teacher"), (a_small, "small teacher"))):
+                ax.bar([i + 0.4 * j for i in range(len(ms))], [summary[a][m]["mean"] for m in ms], width=0.4,
+                       yerr=[summary[a][m]["sd"] or 0 for m in ms], capsize=3, label=name, color=f"C{j}")
+            ax.set_xticks([i + 0.2 for i in range(len(ms))], [METHODS[m][0] for m in ms], fontsize="small")
+            ax.set_ylabel("classifier-Fréchet (lower is better)")
+            ax.set_title(label, fontsize="medium")
+            ax.legend(fontsize="small")
         p = out / "capacity_gap.png"
         fig.savefig(p)
         paths.append(p)
@@ -556,6 +606,10 @@ def parse_args(argv=None):
                    help="a smaller teacher (configs/digits_teacher_small.yaml): the random-init student is also "
                         "distilled from it, the capacity-gap rows")
     p.add_argument("--gap_seeds", default="0,1,2", help="seeds of the capacity-gap rows")
+    p.add_argument("--gap_pruned_seeds", default="",
+                   help="seeds of the pruned capacity-gap rows: the student pruned at --random_ratio from the "
+                        "shipped teacher (its initial weights) distilled from --gap_teacher; paired with the "
+                        "prune<ratio> rows of the same seeds")
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--num_samples", type=int, default=359)
     p.add_argument("--ddim_steps", type=int, default=50)
@@ -578,12 +632,14 @@ def parse_args(argv=None):
         if a.gap_teacher is None:
             a.gap_teacher = a.output_dir / "tiny_small_teacher"
             a.gap_seeds = "0"
+            a.gap_pruned_seeds = a.gap_pruned_seeds or "0"
     a.ratios = [float(x) for x in a.ratios.split(",") if x]
     a.seeds = [int(x) for x in a.seeds.split(",") if x]
     a.random_seeds = [int(x) for x in a.random_seeds.split(",") if x]
     a.methods = [m for m in a.methods.split(",") if m]
     a.random_methods = [m for m in a.random_methods.split(",") if m]
     a.gap_seeds = [int(x) for x in a.gap_seeds.split(",") if x]
+    a.gap_pruned_seeds = [int(x) for x in a.gap_pruned_seeds.split(",") if x]
     if a.gap_teacher is not None and not a.tiny and not (a.gap_teacher / "config.json").is_file():
         p.error(f"--gap_teacher {a.gap_teacher}: no config.json there; train it first with "
                 "`liftplace train-teacher --config configs/digits_teacher_small.yaml` and pass its teacher/ folder")

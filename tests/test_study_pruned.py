@@ -31,10 +31,10 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     proc, wall = run(out)
     results = json.loads((out / "results.json").read_text())
     cells = results["cells"]
-    # 2 seeds x 4 methods of the pruned student + the random-init row and the capacity-gap row
+    # 2 seeds x 4 methods of the pruned student + the random-init row and the two capacity-gap rows
     # (3 methods, seed 0 each)
-    assert len(cells) == 14 and not any(c["diverged"] for c in cells)
-    assert {c["arch"] for c in cells} == {"prune0.5", "random", "random_small_teacher"}
+    assert len(cells) == 17 and not any(c["diverged"] for c in cells)
+    assert {c["arch"] for c in cells} == {"prune0.5", "random", "random_small_teacher", "pruned_small_teacher"}
     for c in cells:
         assert c["frechet"] >= 0 and 0 < c["share"] < 1 and set(c["heldout_mse_by_t"]) == {"t<333", "333<=t<666",
                                                                                             "t>=666"}
@@ -48,6 +48,12 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path):
     gap = {c["method"]: c for c in cells if c["arch"] == "random_small_teacher"}
     assert all(c["teacher_params"] == teachers["small"]["params"] for c in gap.values())
     assert {c["teacher_params"] for c in cells if c["arch"] == "random"} == {teachers["shipped"]["params"]}
+    # the pruned gap row: the student pruned from the shipped teacher, as it was before training
+    # (pruned_init/), distilled from the small teacher
+    pruned_gap = [c for c in cells if c["arch"] == "pruned_small_teacher"]
+    assert {c["student_params"] for c in pruned_gap} == {shares["prune0.5"]}
+    assert {c["teacher_params"] for c in pruned_gap} == {teachers["small"]["params"]}
+    assert (out / "pruned_init" / "config.json").is_file()
     pair = results["paired"]["prune0.5:place_anneal-vs-output"]
     assert pair["n"] == 2 and len(pair["diffs"]) == 2
     text = (out / "report.md").read_text()
